@@ -1,0 +1,126 @@
+// CPU implementations of the koemorph_fused operators: argument checks,
+// output allocation, and the choice between the baseline and AVX2 kernels.
+#include <ATen/ATen.h>
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include "cpu_buffer_pool.h"
+#include "cpu_loss_kernel_args.h"
+#include "loss_inputs.h"
+
+namespace koemorph_fused {
+
+// Which build of the CPU kernels runs here ("AVX2" or "DEFAULT"). Follows
+// torch's own choice, so ATEN_CPU_CAPABILITY=default selects the baseline.
+const char* cpu_kernel_isa() {
+  static const char* isa = [] {
+#if KF_HAVE_AVX2_KERNELS
+    const std::string cap = at::get_cpu_capability();
+    if (cap == "AVX2" || cap == "AVX512") return "AVX2";
+#endif
+    return "DEFAULT";
+  }();
+  return isa;
+}
+
+namespace {
+
+bool use_avx2() {
+  static const bool avx2 = std::string(cpu_kernel_isa()) == "AVX2";
+  return avx2;
+}
+
+void* grad_data(const at::Tensor& g) { return g.numel() ? g.mutable_data_ptr() : nullptr; }
+
+ForwardOutputs temporal_loss_forward_cpu(const at::Tensor& pred, const at::Tensor& target,
+                                         const std::optional<at::Tensor>& prev,
+                                         const std::optional<at::Tensor>& raw,
+                                         const std::optional<at::Tensor>& continuity,
+                                         const at::Tensor& column_weights,
+                                         c10::ArrayRef<double> weights, bool grad_pred,
+                                         bool grad_target, bool grad_raw) {
+  const LossInputs in = prepare_inputs(pred, target, prev, raw, continuity, column_weights, weights,
+                                       grad_pred, grad_target, grad_raw);
+  ForwardOutputs outs = allocate_outputs(in, pred);
+  auto& [total, terms, out_grad_pred, out_grad_target, out_grad_raw] = outs;
+
+  cpu::ForwardArgs a{};
+  a.dtype = in.pred.scalar_type();
+  a.pred = in.pred.const_data_ptr();
+  a.target = in.target.const_data_ptr();
+  a.prev = in.prev.defined() ? in.prev.const_data_ptr() : nullptr;
+  a.raw = in.raw.defined() ? in.raw.const_data_ptr() : nullptr;
+  a.pred_stride = in.pred.stride(0);
+  a.target_stride = in.target.stride(0);
+  a.prev_stride = in.prev.defined() ? in.prev.stride(0) : 0;
+  a.raw_stride = in.raw.defined() ? in.raw.stride(0) : 0;
+  a.mask = in.mask.defined() ? in.mask.const_data_ptr() : nullptr;
+  a.column_weights = in.column_weights.const_data_ptr();
+  a.grad_pred = grad_data(out_grad_pred);
+  a.grad_target = grad_data(out_grad_target);
+  a.grad_raw = grad_data(out_grad_raw);
+  a.rows = in.rows;
+  a.cols = in.cols;
+  std::copy(in.weights.begin(), in.weights.end(), a.weights);
+
+#if KF_HAVE_AVX2_KERNELS
+  if (use_avx2()) cpu::AVX2::forward_kernel(a);
+  else cpu::DEFAULT::forward_kernel(a);
+#else
+  cpu::DEFAULT::forward_kernel(a);
+#endif
+
+  const bool has_prev = a.prev != nullptr, has_raw = a.raw != nullptr;
+  if (total.scalar_type() == at::kDouble) {
+    finish_terms<double, double>(a.sums, a.weights, a.rows, a.cols, a.mask_sum, has_prev, has_raw,
+                                 terms.mutable_data_ptr<double>(), total.mutable_data_ptr<double>());
+  } else {
+    finish_terms<double, float>(a.sums, a.weights, a.rows, a.cols, a.mask_sum, has_prev, has_raw,
+                                terms.mutable_data_ptr<float>(), total.mutable_data_ptr<float>());
+  }
+  return outs;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_gradients_cpu(const at::Tensor& grad_output,
+                                                                    const at::Tensor& grad_pred,
+                                                                    const at::Tensor& grad_target,
+                                                                    const at::Tensor& grad_raw) {
+  check_scale_gradients(grad_output, {grad_pred, grad_target, grad_raw});
+  const at::Tensor* saved[3] = {&grad_pred, &grad_target, &grad_raw};
+  at::Tensor out[3];
+  cpu::ScaleArgs a{};
+  a.dtype = at::kFloat;
+  for (int i = 0; i < 3; ++i) {
+    if (saved[i]->numel() == 0) {
+      out[i] = at::empty({0}, saved[i]->options());
+      continue;
+    }
+    out[i] = empty_cpu_gradient(saved[i]->sizes(), saved[i]->scalar_type());
+    a.dtype = saved[i]->scalar_type();
+    a.saved[i] = saved[i]->const_data_ptr();
+    a.out[i] = out[i].mutable_data_ptr();
+    a.numel[i] = saved[i]->numel();
+  }
+  for (int i = 0; i < 3; ++i) {
+    TORCH_CHECK_TYPE(!a.saved[i] || saved[i]->scalar_type() == a.dtype,
+                     "saved gradients must share one dtype");
+  }
+  const at::Tensor go = grad_output.to(accumulation_dtype(a.dtype));
+  a.grad_output = go.const_data_ptr();
+#if KF_HAVE_AVX2_KERNELS
+  if (use_avx2()) cpu::AVX2::scale_kernel(a);
+  else cpu::DEFAULT::scale_kernel(a);
+#else
+  cpu::DEFAULT::scale_kernel(a);
+#endif
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(koemorph_fused, CPU, m) {
+  m.impl("temporal_loss_forward", &temporal_loss_forward_cpu);
+  m.impl("scale_gradients", &scale_gradients_cpu);
+}
+
+}  // namespace koemorph_fused

@@ -1,0 +1,61 @@
+// Plain-data arguments of the CPU kernels, so that the per-ISA translation
+// units (cpu_loss_kernel_default.cpp, cpu_loss_kernel_avx2.cpp) need no
+// at::Tensor and stay small.
+#pragma once
+
+#include <cstdint>
+
+#include <c10/core/ScalarType.h>
+
+#include "loss_terms.h"  // data only: this header is included before the AVX2 pragma
+
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__)
+#define KF_HAVE_AVX2_KERNELS 1
+#else
+#define KF_HAVE_AVX2_KERNELS 0
+#endif
+
+namespace koemorph_fused::cpu {
+
+struct ForwardArgs {
+  c10::ScalarType dtype;           // of pred, target, prev, raw and the gradients
+  const void* pred;                // (rows, cols), last dimension contiguous
+  const void* target;
+  const void* prev;                // nullptr: no temporal term
+  const void* raw;                 // nullptr: no smoothing term
+  int64_t pred_stride, target_stride, prev_stride, raw_stride;  // row strides, in elements
+  const void* mask;                // (rows,) in the accumulation type; nullptr: all ones
+  const void* column_weights;      // (cols,) in the accumulation type
+  void* grad_pred;                 // contiguous (rows, cols) or nullptr when not requested
+  void* grad_target;
+  void* grad_raw;
+  int64_t rows, cols;
+  double weights[kNumTerms];
+  // Results: sums[kMse] = sum d^2, ..., sums[kTemporal] = sum_r m_r sum_c e^2,
+  // and mask_sum = sum_r m_r (rows when mask == nullptr).
+  double sums[kNumTerms];
+  double mask_sum;
+};
+
+struct ScaleArgs {
+  c10::ScalarType dtype;
+  const void* grad_output;         // one value in the accumulation type
+  const void* saved[3];            // contiguous; nullptr entries are skipped
+  void* out[3];
+  int64_t numel[3];
+};
+
+// One build of the kernels per instruction set; cpu_loss_kernel.cpp picks one
+// at run time. The AVX2 build needs GCC's per-file target pragma on x86-64.
+#define KF_DECLARE_CPU_KERNELS(CAP)         \
+  namespace CAP {                           \
+  void forward_kernel(ForwardArgs& args);   \
+  void scale_kernel(const ScaleArgs& args); \
+  }
+KF_DECLARE_CPU_KERNELS(DEFAULT)
+#if KF_HAVE_AVX2_KERNELS
+KF_DECLARE_CPU_KERNELS(AVX2)
+#endif
+#undef KF_DECLARE_CPU_KERNELS
+
+}  // namespace koemorph_fused::cpu

@@ -1,0 +1,137 @@
+#include "loss_inputs.h"
+
+#include <cmath>
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include "cpu_buffer_pool.h"
+
+namespace koemorph_fused {
+
+at::ScalarType accumulation_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+namespace {
+
+bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// A (rows, cols) view of x whose last dimension has stride 1; one contiguous
+// copy when the layout does not allow such a view.
+at::Tensor as_rows(const at::Tensor& x, int64_t rows, int64_t cols) {
+  if (x.dim() == 2 && (cols == 1 || x.stride(1) == 1)) return x;  // the common case: no new tensor
+  at::Tensor m = x.reshape({rows, cols});
+  if (cols > 1 && m.stride(1) != 1) m = m.contiguous();
+  return m;
+}
+
+void check_companion(const at::Tensor& x, const char* name, const at::Tensor& pred) {
+  TORCH_CHECK_TYPE(x.scalar_type() == pred.scalar_type(), name, " must have the dtype of pred (",
+                   pred.scalar_type(), "), got ", x.scalar_type(),
+                   "; koemorph_fused.temporal_loss promotes mixed dtypes before calling the operator");
+  TORCH_CHECK_VALUE(x.device() == pred.device(), name, " must be on the device of pred (",
+                    pred.device(), "), got ", x.device());
+  TORCH_CHECK_VALUE(x.sizes() == pred.sizes(), name, " must have the shape of pred ", pred.sizes(),
+                    ", got ", x.sizes());
+}
+
+}  // namespace
+
+LossInputs prepare_inputs(const at::Tensor& pred, const at::Tensor& target,
+                          const std::optional<at::Tensor>& prev,
+                          const std::optional<at::Tensor>& raw,
+                          const std::optional<at::Tensor>& continuity,
+                          const at::Tensor& column_weights, c10::ArrayRef<double> weights,
+                          bool grad_pred, bool grad_target, bool grad_raw) {
+  TORCH_CHECK_TYPE(is_supported_dtype(pred.scalar_type()),
+                   "pred must be float16, bfloat16, float32 or float64, got ", pred.scalar_type());
+  TORCH_CHECK_VALUE(pred.dim() >= 2, "pred must have at least 2 dimensions (..., C), got shape ",
+                    pred.sizes());
+  TORCH_CHECK_VALUE(pred.numel() > 0, "pred must not be empty, got shape ", pred.sizes());
+  check_companion(target, "target", pred);
+  if (prev) check_companion(*prev, "prev", pred);
+  if (raw) check_companion(*raw, "raw", pred);
+
+  TORCH_CHECK_VALUE(weights.size() == kNumTerms, "weights must hold ", kNumTerms,
+                    " values (mse, l1, perceptual, temporal, smoothing), got ", weights.size());
+  for (size_t i = 0; i < weights.size(); ++i) {
+    TORCH_CHECK_VALUE(std::isfinite(weights[i]) && weights[i] >= 0.0,
+                      "weights must be finite and >= 0, got weights[", i, "] = ", weights[i]);
+  }
+
+  LossInputs in;
+  in.cols = pred.size(-1);
+  in.rows = pred.numel() / in.cols;
+  const at::ScalarType acc = accumulation_dtype(pred.scalar_type());
+
+  TORCH_CHECK_VALUE(column_weights.dim() == 1 && column_weights.size(0) == in.cols,
+                    "column_weights must have shape (", in.cols, ",), got ", column_weights.sizes());
+  TORCH_CHECK_TYPE(column_weights.scalar_type() == acc, "column_weights must be ", acc, ", got ",
+                   column_weights.scalar_type());
+  TORCH_CHECK_VALUE(column_weights.device() == pred.device(),
+                    "column_weights must be on the device of pred (", pred.device(), "), got ",
+                    column_weights.device());
+
+  in.pred = as_rows(pred, in.rows, in.cols);
+  in.target = as_rows(target, in.rows, in.cols);
+  if (prev) in.prev = as_rows(*prev, in.rows, in.cols);
+  if (raw) in.raw = as_rows(*raw, in.rows, in.cols);
+  in.column_weights = column_weights.contiguous();
+
+  if (continuity) {
+    const at::Tensor& m = *continuity;
+    const auto leading = pred.sizes().slice(0, pred.dim() - 1);
+    TORCH_CHECK_VALUE(m.sizes() == leading, "continuity must have the leading shape of pred ",
+                      leading, ", got ", m.sizes());
+    TORCH_CHECK_TYPE(!at::isComplexType(m.scalar_type()),
+                     "continuity must be a bool, integer or floating tensor, got ",
+                     m.scalar_type());
+    TORCH_CHECK_VALUE(m.device() == pred.device(), "continuity must be on the device of pred (",
+                      pred.device(), "), got ", m.device());
+    // Only the temporal term reads the mask.
+    if (prev) {
+      const bool ready = m.dim() == 1 && m.scalar_type() == acc && m.is_contiguous();
+      in.mask = ready ? m : m.reshape({in.rows}).to(acc).contiguous();
+    }
+  }
+
+  std::copy(weights.begin(), weights.end(), in.weights.begin());
+  in.grad_pred = grad_pred;
+  in.grad_target = grad_target;
+  in.grad_raw = grad_raw && raw.has_value();
+  return in;
+}
+
+ForwardOutputs allocate_outputs(const LossInputs& in, const at::Tensor& pred) {
+  const auto acc_opts = pred.options().dtype(accumulation_dtype(pred.scalar_type()));
+  auto grad_or_empty = [&](bool wanted) {
+    if (!wanted) return at::empty({0}, pred.options());
+    return pred.is_cpu() ? empty_cpu_gradient(pred.sizes(), pred.scalar_type())
+                         : at::empty(pred.sizes(), pred.options());
+  };
+  return {at::empty({}, acc_opts), at::empty({kNumTerms}, acc_opts), grad_or_empty(in.grad_pred),
+          grad_or_empty(in.grad_target), grad_or_empty(in.grad_raw)};
+}
+
+at::Tensor as_matrix(const at::Tensor& grad, const LossInputs& in) {
+  return grad.numel() == 0 ? grad : grad.view({in.rows, in.cols});
+}
+
+void check_scale_gradients(const at::Tensor& grad_output, at::TensorList grads) {
+  TORCH_CHECK_VALUE(grad_output.dim() == 0, "grad_output must be a 0-dim tensor, got shape ",
+                    grad_output.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(grad_output.scalar_type()),
+                   "grad_output must be a floating tensor, got ", grad_output.scalar_type());
+  for (const auto& g : grads) {
+    TORCH_CHECK_VALUE(g.numel() == 0 || g.device() == grad_output.device(),
+                      "saved gradients must be on the device of grad_output (",
+                      grad_output.device(), "), got ", g.device());
+    TORCH_CHECK_VALUE(g.numel() == 0 || g.is_contiguous(),
+                      "saved gradients must be contiguous");
+  }
+}
+
+}  // namespace koemorph_fused

@@ -1,0 +1,54 @@
+// Argument checks and (R, C) views shared by the CPU and CUDA backends.
+//
+// The Python API validates first and gives the friendliest messages; these
+// checks keep direct callers of torch.ops.koemorph_fused.* just as safe. Every
+// message names the argument and what was expected.
+#pragma once
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+#include "loss_math.h"
+
+namespace koemorph_fused {
+
+// float32 for float16/bfloat16/float32, float64 for float64: the dtype of
+// the sums, of `total` and `terms`, and of the column weights and mask.
+at::ScalarType accumulation_dtype(at::ScalarType dtype);
+
+// One forward call, validated. Matrices are (rows, cols) views whose last
+// dimension has stride 1 (a contiguous copy is made only when it had not).
+struct LossInputs {
+  at::Tensor pred, target, prev, raw;  // prev / raw undefined when absent
+  at::Tensor mask;                     // (rows,) contiguous, accumulation dtype; undefined = all ones
+  at::Tensor column_weights;           // (cols,) contiguous, accumulation dtype
+  int64_t rows = 0;
+  int64_t cols = 0;
+  std::array<double, kNumTerms> weights{};
+  bool grad_pred = false, grad_target = false, grad_raw = false;
+};
+
+LossInputs prepare_inputs(const at::Tensor& pred, const at::Tensor& target,
+                          const std::optional<at::Tensor>& prev,
+                          const std::optional<at::Tensor>& raw,
+                          const std::optional<at::Tensor>& continuity,
+                          const at::Tensor& column_weights, c10::ArrayRef<double> weights,
+                          bool grad_pred, bool grad_target, bool grad_raw);
+
+// (total, terms, grad_pred, grad_target, grad_raw); a gradient that was not
+// asked for is an empty (0,) tensor, so no buffer is allocated for it.
+using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+ForwardOutputs allocate_outputs(const LossInputs& in, const at::Tensor& pred);
+
+// The matrix view of a gradient buffer allocated by allocate_outputs.
+at::Tensor as_matrix(const at::Tensor& grad, const LossInputs& in);
+
+// Checks for scale_gradients: grad_output is a 0-dim floating tensor on the
+// device of the saved gradients.
+void check_scale_gradients(const at::Tensor& grad_output, at::TensorList grads);
+
+}  // namespace koemorph_fused

@@ -1,0 +1,87 @@
+// Operator schemas of koemorph_fused (one place for all backends), and the
+// tiny Python module `koemorph_fused._C` whose import loads them.
+//
+// The kernels are registered per backend in cpu_loss_kernel.cpp and
+// cuda/loss_kernel.cu; the fake (meta) kernels and autograd live in Python
+// (koemorph_fused/_ops.py).
+#include <Python.h>
+
+#include <torch/library.h>
+
+#ifndef KF_CUDA_ARCH_LIST  // e.g. 8.0,8.6,8.9,9.0+PTX (set by the build)
+#define KF_CUDA_ARCH_LIST
+#endif
+#ifndef KF_WITH_CUDA
+#define KF_WITH_CUDA 0
+#endif
+
+#include "cpu_buffer_pool.h"
+
+namespace koemorph_fused {
+const char* cpu_kernel_isa();
+}
+
+TORCH_LIBRARY(koemorph_fused, m) {
+  // One pass: the five unweighted terms, the weighted total and the gradients
+  // of the inputs flagged by grad_pred, grad_target and grad_raw. A gradient
+  // that is not asked for comes back as an empty (0,) tensor.
+  m.def(
+      "temporal_loss_forward(Tensor pred, Tensor target, Tensor? prev, Tensor? raw, "
+      "Tensor? continuity, Tensor column_weights, float[] weights, bool grad_pred, "
+      "bool grad_target, bool grad_raw) "
+      "-> (Tensor total, Tensor terms, Tensor grad_pred, Tensor grad_target, Tensor grad_raw)");
+  // Backward: each saved gradient times grad_output (read on the device).
+  // Empty inputs give empty outputs.
+  m.def(
+      "scale_gradients(Tensor grad_output, Tensor grad_pred, Tensor grad_target, Tensor grad_raw) "
+      "-> (Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+PyObject* cpu_kernel(PyObject*, PyObject*) {
+  return PyUnicode_FromString(koemorph_fused::cpu_kernel_isa());
+}
+
+PyObject* cpu_buffer_pool_stats(PyObject*, PyObject*) {
+  const koemorph_fused::BufferPoolStats s = koemorph_fused::buffer_pool_stats();
+  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L}", "cached_bytes", (long long)s.cached_bytes,
+                       "in_use_bytes", (long long)s.in_use_bytes, "limit_bytes",
+                       (long long)s.limit_bytes, "hits", (long long)s.hits, "misses",
+                       (long long)s.misses);
+}
+
+PyObject* cpu_buffer_pool_empty_cache(PyObject*, PyObject*) {
+  koemorph_fused::buffer_pool_empty_cache();
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"cpu_kernel", cpu_kernel, METH_NOARGS,
+     "Which build of the CPU kernels runs on this machine: 'AVX2' or 'DEFAULT'."},
+    {"cpu_buffer_pool_stats", cpu_buffer_pool_stats, METH_NOARGS,
+     "Statistics of the pool of large CPU gradient buffers."},
+    {"cpu_buffer_pool_empty_cache", cpu_buffer_pool_empty_cache, METH_NOARGS,
+     "Free the idle buffers of the CPU gradient buffer pool."},
+    {nullptr, nullptr, 0, nullptr}};
+
+#define KF_STR_(...) #__VA_ARGS__
+#define KF_STR(...) KF_STR_(__VA_ARGS__)
+#define KF_CAT_(a, b) a##b
+#define KF_CAT(a, b) KF_CAT_(a, b)
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, KF_STR(TORCH_EXTENSION_NAME),
+                          "Compiled koemorph_fused operators (registered on import).", -1,
+                          methods};
+
+}  // namespace
+
+// TORCH_EXTENSION_NAME is _C for the installed build and another name for a
+// just-in-time build (torch.utils.cpp_extension sets it for both).
+extern "C" PyMODINIT_FUNC KF_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  PyObject* m = PyModule_Create(&module_def);
+  if (m == nullptr) return nullptr;
+  PyModule_AddIntConstant(m, "with_cuda", KF_WITH_CUDA);
+  PyModule_AddStringConstant(m, "cuda_arch_list", KF_STR(KF_CUDA_ARCH_LIST));
+  return m;
+}

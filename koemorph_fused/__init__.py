@@ -1,0 +1,31 @@
+"""koemorph_fused: the five-term temporal KoeMorph loss (MSE, L1, mouth/expression
+perceptual MSE, temporal consistency and smoothing), its weighted total and all
+its gradients in one fused C++/CUDA pass.
+
+>>> import torch, koemorph_fused as kf
+>>> pred = torch.rand(4, 52, requires_grad=True)
+>>> out = kf.temporal_loss(pred, torch.rand(4, 52), prev=torch.rand(4, 52), raw=torch.rand(4, 52))
+>>> out.total.backward()
+>>> sorted(out.as_dict())
+['l1', 'mse', 'perceptual', 'smoothing', 'temporal', 'total']
+"""
+
+from . import _ops  # loads the compiled operators first
+from . import reference
+from .functional import temporal_loss
+from .modules import FusedKoeMorphLoss
+from .terms import EXPRESSION_INDICES, MOUTH_INDICES, TERM_NAMES, LossOutput
+from .weights import LossWeights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EXPRESSION_INDICES",
+    "FusedKoeMorphLoss",
+    "LossOutput",
+    "LossWeights",
+    "MOUTH_INDICES",
+    "TERM_NAMES",
+    "reference",
+    "temporal_loss",
+]

@@ -1,0 +1,94 @@
+"""Load the compiled operators: the installed ``koemorph_fused._C``, or, when the
+package is imported from a source tree without one, a just-in-time build of
+the same sources with :func:`torch.utils.cpp_extension.load`.
+
+Importing the library registers the ``torch.ops.koemorph_fused.*`` operators.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import sys
+import sysconfig
+from pathlib import Path
+from types import ModuleType
+
+from . import _build_config as config
+
+_INSTALL_HINT = "Install it with:  pip install --no-build-isolation .  (from the source tree)"
+
+
+def _missing_build_tools(with_cuda: bool) -> list[str]:
+    """What a just-in-time build would lack, each with how to fix it."""
+    from torch.utils import cpp_extension
+
+    missing = []
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        missing.append(f"a C++ compiler ({cxx!r} not on PATH; install g++ or set CXX)")
+    if not cpp_extension.is_ninja_available():
+        missing.append("ninja (pip install ninja)")
+    if not any((Path(p) / "torch" / "library.h").is_file() for p in cpp_extension.include_paths()):
+        missing.append("torch's C++ headers (reinstall torch from a wheel that ships include/)")
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        missing.append("the Python development headers (e.g. apt install python3-dev)")
+    if with_cuda and shutil.which(str(Path(config.find_cuda_home() or "") / "bin" / "nvcc")) is None:
+        missing.append("nvcc (set CUDA_HOME, or KOEMORPH_FUSED_CPU_ONLY=1 for a CPU-only build)")
+    return missing
+
+
+def _build_just_in_time(reason: Exception) -> ModuleType:
+    config.prepare_cuda_environment()  # before cpp_extension reads CUDA_HOME
+    import torch
+    from torch.utils import cpp_extension
+
+    with_cuda, why = config.want_cuda(torch.version.cuda)
+    missing = _missing_build_tools(with_cuda)
+    if missing:
+        raise ImportError(
+            "koemorph_fused: the compiled extension is not installed "
+            f"({reason}) and a just-in-time build is impossible here; missing: "
+            + "; ".join(missing) + f". {_INSTALL_HINT}"
+        ) from reason
+
+    flavour = "cuda" if with_cuda else "cpu"
+    build_dir = config.SOURCE_ROOT / "build" / f"jit-torch{torch.__version__}-{flavour}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    macros = [f"-D{k}={v}" for k, v in config.define_macros(with_cuda)]
+    print(
+        f"koemorph_fused: no installed extension; building it just in time in {build_dir} "
+        f"({why}). This takes a few minutes once.",
+        file=sys.stderr,
+    )
+    try:
+        return cpp_extension.load(
+            name="koemorph_fused_jit",
+            sources=config.sources(with_cuda),
+            extra_include_paths=[str(config.CSRC)],
+            extra_cflags=config.CXX_FLAGS + macros,
+            extra_cuda_cflags=config.NVCC_FLAGS + macros,
+            build_directory=str(build_dir),
+            with_cuda=with_cuda,
+            is_python_module=True,
+            verbose=os.environ.get("KOEMORPH_FUSED_VERBOSE_BUILD") == "1",
+        )
+    except Exception as exc:  # compiler errors, missing headers, ...
+        raise ImportError(
+            f"koemorph_fused: the just-in-time build in {build_dir} failed: {exc}\n"
+            f"Set KOEMORPH_FUSED_VERBOSE_BUILD=1 to see the compiler output. {_INSTALL_HINT}"
+        ) from exc
+
+
+def load_library() -> ModuleType:
+    """The compiled module (registers the operators as a side effect)."""
+    try:
+        return importlib.import_module("koemorph_fused._C")
+    except ImportError as exc:
+        if not (config.CSRC / "ops.cpp").is_file():
+            raise ImportError(
+                f"koemorph_fused: the compiled extension koemorph_fused._C is missing ({exc}) "
+                "and no C++ sources lie next to the package to build it. Reinstall koemorph_fused."
+            ) from exc
+        return _build_just_in_time(exc)

@@ -1,0 +1,191 @@
+"""The autograd glue around the compiled operators.
+
+* ``torch.ops.koemorph_fused.temporal_loss_forward``: one pass computing the
+  five terms, the total and the requested gradients (csrc/cpu_loss_kernel.cpp,
+  csrc/cuda/loss_kernel.cu);
+* ``torch.ops.koemorph_fused.scale_gradients``: backward, the saved gradients
+  times ``grad_output``.
+
+Here they get their fake (meta) kernels, for torch.compile and torch.export,
+and :class:`FusedTemporalLoss`, the ``torch.autograd.Function`` that joins
+them: forward saves the gradients the kernel already computed; backward only
+scales them, reading ``grad_output`` on the device (no host synchronisation).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ._loader import load_library
+from ._validation import normalize_indices
+
+library = load_library()  # registers the operators
+
+forward_op = torch.ops.koemorph_fused.temporal_loss_forward.default
+scale_op = torch.ops.koemorph_fused.scale_gradients.default
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 for everything else (float16/bfloat16 sum in float32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("koemorph_fused::temporal_loss_forward")
+def _temporal_loss_forward_fake(
+    pred, target, prev, raw, continuity, column_weights, weights, grad_pred, grad_target, grad_raw
+):
+    acc = accumulation_dtype(pred.dtype)
+
+    def grad(wanted: bool) -> torch.Tensor:
+        return pred.new_empty(pred.shape) if wanted else pred.new_empty((0,))
+
+    return (
+        pred.new_empty((), dtype=acc),
+        pred.new_empty((5,), dtype=acc),
+        grad(grad_pred),
+        grad(grad_target),
+        grad(grad_raw and raw is not None),
+    )
+
+
+@torch.library.register_fake("koemorph_fused::scale_gradients")
+def _scale_gradients_fake(grad_output, grad_pred, grad_target, grad_raw):
+    return torch.empty_like(grad_pred), torch.empty_like(grad_target), torch.empty_like(grad_raw)
+
+
+class FusedTemporalLoss(torch.autograd.Function):
+    """``(total, terms)`` of the fused loss; differentiable in pred, target and raw.
+
+    Arguments are already validated (see :func:`koemorph_fused.temporal_loss`):
+    ``prev`` and ``continuity`` are detached or None, ``column_weights`` comes
+    from :func:`column_weights`, ``weights`` is a 5-tuple of floats.
+    """
+
+    @staticmethod
+    def forward(ctx, pred, target, prev, raw, continuity, column_weights, weights):
+        ctx.set_materialize_grads(False)  # no zero tensor for the gradient of `terms`
+        need = ctx.needs_input_grad
+        total, terms, grad_pred, grad_target, grad_raw = forward_op(
+            pred, target, prev, raw, continuity, column_weights, weights, need[0], need[1], need[3]
+        )
+        ctx.save_for_backward(grad_pred, grad_target, grad_raw)
+        ctx.mark_non_differentiable(terms)
+        # Read only by a create_graph backward. Inputs, not outputs: no reference cycle.
+        ctx.linearization = (pred, target, continuity, column_weights, weights, prev is not None)
+        return total, terms
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_terms):
+        if grad_total is None:  # total did not reach the loss being differentiated
+            return None, None, None, None, None, None, None
+        if torch.is_grad_enabled():  # backward(create_graph=True)
+            grads = _differentiable_gradients(ctx, grad_total)
+        else:
+            grads = scale_op(grad_total, *ctx.saved_tensors)
+        need = ctx.needs_input_grad
+        return (
+            grads[0] if need[0] else None,
+            grads[1] if need[1] else None,
+            None,
+            grads[2] if need[3] else None,
+            None,
+            None,
+            None,
+        )
+
+
+def _differentiable_gradients(ctx, grad_total):
+    """The saved gradients made differentiable, for double backward.
+
+    The loss is piecewise quadratic, so its gradient is piecewise linear: away
+    from the |x| = 0 kinks, where sign() has zero derivative, d grad_pred /
+    d pred = kd[c] + kt[r], d grad_pred / d target = -kd[c], and so on. Adding
+    ``H * (x - x.detach())`` (zero in value) to each saved gradient gives it
+    exactly that Jacobian, so second derivatives are exact, without recomputing
+    or saving anything in the forward pass beyond references to the inputs.
+    """
+    grad_pred, grad_target, grad_raw = ctx.saved_tensors
+    pred, target, mask, colw, w, has_prev = ctx.linearization
+    cols = pred.shape[-1]
+    rows = pred.numel() // cols
+    acc = colw.dtype
+    kd = colw.new_zeros(cols)
+    if w[0] > 0:
+        kd = kd + 2.0 * w[0] / (rows * cols)
+    if w[2] > 0:
+        kd = kd + (2.0 * w[2] / rows) * colw
+    d_pred = (pred - pred.detach()).to(acc)
+    d_target = (target - target.detach()).to(acc)
+    lin_d = kd * (d_pred - d_target)
+    lin_pred = lin_d
+    if has_prev and w[3] > 0:
+        m = pred.new_ones(pred.shape[:-1], dtype=acc) if mask is None else mask.to(acc)
+        m_sum = m.sum()
+        kt = (2.0 * w[3] / cols) * m / torch.where(m_sum > 0, m_sum, torch.ones_like(m_sum))
+        lin_pred = lin_pred + kt.unsqueeze(-1) * d_pred
+    out = []
+    for saved, lin, like in ((grad_pred, lin_pred, pred), (grad_target, -lin_d, target), (grad_raw, None, None)):
+        if saved.numel() == 0:
+            out.append(None)
+        elif lin is None:
+            out.append(grad_total * saved)
+        else:
+            out.append((grad_total * (saved.to(acc) + lin)).to(like.dtype))
+    return out
+
+
+def _make_column_weights(
+    mouth: Sequence[int], expression: Sequence[int], cols: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    values = [0.0] * cols
+    for group in (mouth, expression):
+        for i in group:
+            values[i] += 1.0 / len(group)
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+_COLUMN_WEIGHTS: dict = {}
+_CACHEABLE = (tuple, list, range)
+
+
+def column_weights(
+    mouth_indices, expression_indices, cols: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Per-column perceptual weights ``count_M(c)/|M| + count_E(c)/|E|`` (the
+    kernel divides by R), in the accumulation dtype of ``dtype``, cached per
+    (indices, C, dtype, device) so a training step creates no tensor for them."""
+    acc = accumulation_dtype(dtype)
+    key = None
+    if type(mouth_indices) in _CACHEABLE and type(expression_indices) in _CACHEABLE:
+        key = (tuple(mouth_indices), tuple(expression_indices), cols, acc, device)
+        cached = _COLUMN_WEIGHTS.get(key)
+        if cached is not None:
+            return cached
+    mouth = normalize_indices("mouth_indices", mouth_indices, cols)
+    expression = normalize_indices("expression_indices", expression_indices, cols)
+    result = _make_column_weights(mouth, expression, cols, acc, device)
+    if key is not None and not torch.compiler.is_compiling():
+        if len(_COLUMN_WEIGHTS) > 256:
+            _COLUMN_WEIGHTS.clear()
+        _COLUMN_WEIGHTS[key] = result
+    return result
+
+
+def fused_forward(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    prev: Optional[torch.Tensor],
+    raw: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    colw: torch.Tensor,
+    weights: tuple[float, ...],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatch to the autograd Function only when a gradient can be needed."""
+    if torch.is_grad_enabled() and (
+        pred.requires_grad or target.requires_grad or (raw is not None and raw.requires_grad)
+    ):
+        return FusedTemporalLoss.apply(pred, target, prev, raw, mask, colw, weights)
+    total, terms, _, _, _ = forward_op(pred, target, prev, raw, mask, colw, weights, False, False, False)
+    return total, terms

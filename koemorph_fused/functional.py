@@ -1,0 +1,63 @@
+"""The fused five-term temporal loss: :func:`temporal_loss`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
+
+import torch
+
+from . import _ops
+from ._validation import check_inputs
+from .terms import EXPRESSION_INDICES, MOUTH_INDICES, LossOutput
+from .weights import DEFAULT, LossWeights, resolve_weights
+
+Continuity = Union[None, bool, torch.Tensor]
+Weights = Union[LossWeights, Mapping[str, Any]]
+
+
+def temporal_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    prev: Optional[torch.Tensor] = None,
+    raw: Optional[torch.Tensor] = None,
+    *,
+    continuity: Continuity = None,
+    weights: Weights = DEFAULT,
+    mouth_indices: Sequence[int] = MOUTH_INDICES,
+    expression_indices: Sequence[int] = EXPRESSION_INDICES,
+) -> LossOutput:
+    """The KoeMorph temporal loss and its gradients, in one fused pass.
+
+    Args:
+        pred: ``(..., C)`` final-frame prediction after temporal smoothing.
+        target: ``(..., C)`` ground truth; may be a strided view such as
+            ``target_seq[:, -1, :]``. Gets a gradient if it requires one.
+        prev: ``(..., C)`` previous-frame state, or None (no temporal term).
+            Never differentiated (treated as ``prev.detach()``).
+        raw: ``(..., C)`` prediction before smoothing, or None (no smoothing term).
+        continuity: None or True (every row continues its previous frame),
+            False (no temporal term), or a tensor of the leading shape ``(...)``
+            with 1 where a row's previous frame is from the same file.
+        weights: a :class:`LossWeights` or a mapping of ``*_weight`` keys.
+        mouth_indices, expression_indices: column groups of the perceptual term;
+            each behaves like ``F.mse_loss(pred[..., idx], target[..., idx])``.
+
+    Returns:
+        :class:`LossOutput` ``(total, terms)``: ``total`` is a 0-dim tensor
+        (float32 for float16/bfloat16 inputs) and ``terms`` the five
+        unweighted terms in :data:`TERM_NAMES` order.
+
+    Raises:
+        TypeError, ValueError: on misuse, naming the argument, before any kernel runs.
+
+    Example:
+        >>> import torch, koemorph_fused as kf
+        >>> pred = torch.rand(4, 52, requires_grad=True)
+        >>> out = kf.temporal_loss(pred, torch.rand(4, 52))
+        >>> out.total.backward()
+    """
+    w = resolve_weights(weights).as_tuple()
+    pred, target, prev, raw, mask = check_inputs(pred, target, prev, raw, continuity)
+    colw = _ops.column_weights(mouth_indices, expression_indices, pred.shape[-1], pred.dtype, pred.device)
+    return LossOutput(*_ops.fused_forward(pred, target, prev, raw, mask, colw, w))

@@ -1,0 +1,87 @@
+"""``nn.Module`` front ends of the loss: :class:`FusedKoeMorphLoss` (and, in
+:mod:`koemorph_fused.reference`, the same module in plain PyTorch)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .functional import Continuity, temporal_loss
+from .terms import EXPRESSION_INDICES, MOUTH_INDICES, LossOutput
+from .weights import LossWeights, resolve_weights
+
+
+class KoeMorphLossModule(nn.Module):
+    """Shared body of the fused and the reference loss modules."""
+
+    _loss_function: Callable[..., LossOutput]
+
+    def __init__(
+        self,
+        mse_weight: float = 1.0,
+        l1_weight: float = 0.1,
+        perceptual_weight: float = 0.5,
+        temporal_weight: float = 0.2,
+        smoothing_weight: float = 0.1,
+        mouth_indices: Sequence[int] = MOUTH_INDICES,
+        expression_indices: Sequence[int] = EXPRESSION_INDICES,
+    ) -> None:
+        super().__init__()
+        self.weights = LossWeights(mse_weight, l1_weight, perceptual_weight, temporal_weight, smoothing_weight)
+        self.mouth_indices = tuple(mouth_indices)
+        self.expression_indices = tuple(expression_indices)
+        #: The five unweighted terms of the last call, detached (None before the first call).
+        self.last_terms: Optional[torch.Tensor] = None
+
+    @property
+    def weights(self) -> LossWeights:
+        """The term weights; assign a :class:`LossWeights` or a ``*_weight``
+        mapping between steps (e.g. from a :class:`TrainingSchedule`)."""
+        return self._weights
+
+    @weights.setter
+    def weights(self, value: "LossWeights | Mapping[str, Any]") -> None:
+        self._weights = resolve_weights(value)
+
+    def forward(
+        self,
+        pred: torch.Tensor,
+        target: torch.Tensor,
+        prev: Optional[torch.Tensor] = None,
+        raw: Optional[torch.Tensor] = None,
+        continuity: Continuity = None,
+    ) -> torch.Tensor:
+        """The weighted total (0-dim); the terms are kept in :attr:`last_terms`."""
+        out = type(self)._loss_function(
+            pred,
+            target,
+            prev,
+            raw,
+            continuity=continuity,
+            weights=self._weights,
+            mouth_indices=self.mouth_indices,
+            expression_indices=self.expression_indices,
+        )
+        self.last_terms = out.terms.detach()
+        return out.total
+
+    def extra_repr(self) -> str:
+        w = self._weights
+        return (
+            f"mse_weight={w.mse}, l1_weight={w.l1}, perceptual_weight={w.perceptual}, "
+            f"temporal_weight={w.temporal}, smoothing_weight={w.smoothing}"
+        )
+
+
+class FusedKoeMorphLoss(KoeMorphLossModule):
+    """Drop-in KoeMorph training loss backed by the fused kernel.
+
+    >>> loss_fn = FusedKoeMorphLoss()
+    >>> loss = loss_fn(pred, target_seq[:, -1, :], prev=prev, raw=raw, continuity=same_file)  # doctest: +SKIP
+    >>> loss.backward()  # doctest: +SKIP
+    """
+
+    _loss_function = staticmethod(temporal_loss)
