@@ -1,0 +1,99 @@
+"""gradcheck, double backward and torch.library.opcheck on the fused operator."""
+
+import pytest
+import torch
+
+import koemorph_fused as kf
+from helpers import DEVICES, rand
+
+
+def away_from_kinks(shape, device, gap=0.05):
+    """Float64 inputs whose differences pred-target and pred-raw stay at least
+    `gap` from 0, where |x| has its kink, so finite differences are exact."""
+    target = rand(shape, torch.float64, device)
+    sign = torch.where(torch.rand(shape, device=device) > 0.5, 1.0, -1.0).double()
+    pred = target + sign * (gap + rand(shape, torch.float64, device))
+    raw = pred - sign.flip(-1) * (gap + rand(shape, torch.float64, device))
+    prev = rand(shape, torch.float64, device)
+    return pred, target, prev, raw
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("continuity", [None, "mask", False])
+@pytest.mark.parametrize("shape", [(3, 52), (2, 3, 7)])
+def test_gradcheck(device, continuity, shape):
+    pred, target, prev, raw = away_from_kinks(shape, device)
+    mask = (torch.rand(shape[:-1], device=device) > 0.4).double() if continuity == "mask" else continuity
+    groups = {} if shape[-1] >= 22 else {"mouth_indices": [0, 0, -1], "expression_indices": [2]}
+
+    def fn(p, t, r):
+        return kf.temporal_loss(p, t, prev, r, continuity=mask, **groups).total
+
+    inputs = tuple(x.requires_grad_() for x in (pred, target, raw))
+    assert torch.autograd.gradcheck(fn, inputs)
+    # Double backward is exact too (the gradient is piecewise linear).
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_double_backward_matches_reference():
+    pred, target, prev, raw = away_from_kinks((5, 52), "cpu")
+    mask = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+    v = rand((5, 52), torch.float64)
+    hessian_vector = []
+    for fn in (kf.temporal_loss, kf.reference.temporal_loss):
+        p, t, r = (x.clone().requires_grad_() for x in (pred, target, raw))
+        g = torch.autograd.grad(fn(p, t, prev, r, continuity=mask).total, (p, t, r), create_graph=True)
+        hv = torch.autograd.grad(sum((gi * v).sum() for gi in g[:2]), (p, t), allow_unused=True, materialize_grads=True)
+        hessian_vector.append(hv)
+    for a, b in zip(*hessian_vector):
+        torch.testing.assert_close(a, b)
+
+
+def _sample_args(device, dtype, **flags):
+    rows, cols = 6, 52
+    pred, target, prev, raw = (rand((rows, cols), dtype, device) for _ in range(4))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    colw = kf._ops.column_weights(kf.MOUTH_INDICES, kf.EXPRESSION_INDICES, cols, dtype, torch.device(device))
+    mask = (torch.rand(rows, device=device) > 0.5).to(acc)
+    return (pred, target, prev if flags.get("prev", True) else None, raw if flags.get("raw", True) else None,
+            mask if flags.get("mask", True) else None, colw, [1.0, 0.1, 0.5, 0.2, 0.1],
+            flags.get("gp", True), flags.get("gt", True), flags.get("gr", True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("flags", [{}, {"prev": False, "mask": False}, {"raw": False, "gt": False}, {"gp": False, "gt": False, "gr": False}])
+def test_opcheck_forward(device, dtype, flags):
+    torch.library.opcheck(torch.ops.koemorph_fused.temporal_loss_forward.default, _sample_args(device, dtype, **flags))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_scale_gradients(device):
+    g = rand((6, 52), torch.float32, device)
+    empty = torch.empty(0, device=device)
+    go = torch.tensor(0.75, device=device)
+    torch.library.opcheck(torch.ops.koemorph_fused.scale_gradients.default, (go, g, empty, g.clone()))
+    torch.library.opcheck(torch.ops.koemorph_fused.scale_gradients.default, (go.double(), empty, empty, empty))
+
+
+def test_backward_twice_with_retain_graph():
+    pred = rand((9, 52)).requires_grad_()
+    raw = rand((9, 52)).requires_grad_()
+    out = kf.temporal_loss(pred, rand((9, 52)), rand((9, 52)), raw)
+    g1 = torch.autograd.grad(out.total, (pred, raw), retain_graph=True)
+    g2 = torch.autograd.grad(out.total * 2, (pred, raw), retain_graph=True)
+    g3 = torch.autograd.grad(out.total, (pred, raw))
+    for a, b, c in zip(g1, g2, g3):
+        torch.testing.assert_close(b, 2 * a)
+        assert torch.equal(a, c)
+
+
+def test_terms_do_not_need_grad_and_total_unused():
+    pred = rand((3, 52)).requires_grad_()
+    out = kf.temporal_loss(pred, rand((3, 52)))
+    # A loss that only uses terms (not differentiable) -> error from autograd, not a crash.
+    with pytest.raises(RuntimeError):
+        out.terms.sum().backward()
+    # total participates through another path with zero weight
+    (out.total * 0.0).backward()
+    assert torch.count_nonzero(pred.grad) == 0

@@ -1,0 +1,246 @@
+"""The fused loss against the plain-PyTorch reference: values and gradients
+over dtypes, shapes, optional inputs, masks, layouts, index lists and weights."""
+
+import itertools
+
+import pytest
+import torch
+
+import koemorph_fused as kf
+from helpers import DEVICES, DTYPES, assert_matches_reference, rand, run
+
+ROWS = [1, 2, 4, 33, 1000, 4099]
+COLS = [1, 7, 52, 300]
+
+
+def groups_for(cols):
+    """The ARKit groups where they fit, else a repeated and a negative index."""
+    if cols >= 22:
+        return {}
+    return {"mouth_indices": [0, cols - 1, 0], "expression_indices": [-1]}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,cols", list(itertools.product(ROWS, COLS)))
+def test_all_inputs_with_mask(device, dtype, rows, cols):
+    pred, target, prev, raw = (rand((rows, cols), dtype, device) for _ in range(4))
+    target.requires_grad_()
+    mask = torch.rand(rows, device=device) > 0.3
+    assert_matches_reference(pred, target, prev, raw, grad_output=1.7, continuity=mask, **groups_for(cols))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_prev,with_raw", list(itertools.product([True, False], repeat=2)))
+@pytest.mark.parametrize("continuity", ["none", "true", "false", "bool-mask", "float-mask", "int-mask", "zero-mask"])
+def test_optional_inputs_and_continuity(device, dtype, with_prev, with_raw, continuity):
+    rows, cols = 37, 52
+    pred, target = rand((rows, cols), dtype, device), rand((rows, cols), dtype, device)
+    prev = rand((rows, cols), dtype, device) if with_prev else None
+    raw = rand((rows, cols), dtype, device) if with_raw else None
+    cont = {
+        "none": None,
+        "true": True,
+        "false": False,
+        "bool-mask": torch.rand(rows, device=device) > 0.5,
+        "float-mask": (torch.rand(rows, device=device) > 0.5).to(dtype),
+        "int-mask": (torch.rand(rows, device=device) > 0.5).long(),
+        "zero-mask": torch.zeros(rows, device=device),
+    }[continuity]
+    (total, terms, _), _ = assert_matches_reference(pred, target, prev, raw, grad_output=0.3, continuity=cont)
+    if not with_prev or continuity in ("false", "zero-mask"):
+        assert terms[3].item() == 0.0  # temporal term off
+    if not with_raw:
+        assert terms[4].item() == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_strided_target_and_leading_dims(device, dtype):
+    seq = rand((16, 256, 52), dtype, device)
+    target = seq[:, -1, :]  # rows 256*52 elements apart, read in place
+    assert not target.is_contiguous()
+    pred, prev, raw = (rand((16, 52), dtype, device) for _ in range(3))
+    assert_matches_reference(pred, target, prev, raw, grad_output=2.0)
+
+    # Leading dimensions are rows; a transposed (non-mergeable) layout is copied once.
+    p4, t4, v4, r4 = (rand((3, 5, 7, 52), dtype, device) for _ in range(4))
+    mask = torch.rand(3, 5, 7, device=device) > 0.5
+    assert_matches_reference(p4, t4.transpose(0, 1).contiguous().transpose(0, 1), v4, r4, continuity=mask)
+    # Last dimension not contiguous.
+    base = rand((52, 40), dtype, device)
+    assert_matches_reference(rand((40, 52), dtype, device), base.t(), None, rand((40, 52), dtype, device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "mouth,expression",
+    [
+        ([], []),
+        ([], [0, 1]),
+        ([12, 12, 13], [-1, -52, 0]),
+        (list(range(52)), [51]),
+        (torch.tensor([3, 4, 5]), range(40, 50)),
+        ((5,), (5, 5, 5)),
+    ],
+)
+def test_index_lists(device, mouth, expression):
+    pred, target, prev, raw = (rand((9, 52), torch.float64, device) for _ in range(4))
+    (_, terms, _), _ = assert_matches_reference(
+        pred, target, prev, raw, mouth_indices=mouth, expression_indices=expression
+    )
+    if len(mouth) == 0 and len(expression) == 0:
+        assert terms[2].item() == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "weights",
+    [
+        kf.LossWeights(),
+        kf.LossWeights(0, 0, 0, 0, 0),
+        kf.LossWeights(mse=0.0, l1=3.0, perceptual=0.0, temporal=0.0, smoothing=0.0),
+        kf.LossWeights(mse=1e-8, l1=1e6, perceptual=123.0, temporal=7.5, smoothing=0.0),
+        {"temporal_weight": 2.5, "smoothing_weight": 0},
+        kf.LossWeights.for_stride(1),
+        kf.LossWeights.for_stride(8),
+    ],
+)
+def test_weights(device, weights):
+    pred, target, prev, raw = (rand((21, 52), torch.float64, device) for _ in range(4))
+    target.requires_grad_()
+    assert_matches_reference(pred, target, prev, raw, grad_output=-0.7, weights=weights)
+
+
+def test_zero_weight_reports_term_but_leaves_total():
+    pred, target = rand((4, 52)), rand((4, 52))
+    out = kf.temporal_loss(pred, target, weights=kf.LossWeights(mse=0, l1=0, perceptual=0, temporal=0, smoothing=0))
+    assert out.total.item() == 0.0
+    assert out.terms[0].item() > 0 and out.terms[1].item() > 0 and out.terms[2].item() > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("where", ["pred-mouth", "pred-outside-groups", "target", "prev-masked-row", "raw"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_and_inf_propagate_like_reference(device, dtype, where, bad):
+    rows, cols = 6, 52
+    pred, target, prev, raw = (rand((rows, cols), dtype, device) for _ in range(4))
+    target.requires_grad_()
+    mask = torch.tensor([1, 0, 1, 1, 0, 1], device=device, dtype=torch.bool)
+    if where == "pred-mouth":
+        pred[2, 13] = bad
+    elif where == "pred-outside-groups":
+        pred[3, 40] = bad
+    elif where == "target":
+        target = target.detach().clone()
+        target[0, 0] = bad
+        target.requires_grad_()
+    elif where == "prev-masked-row":
+        prev[1, 5] = bad
+    else:
+        raw[5, 51] = bad
+    # Separately with zero weights: a term switched off must not leak its NaN.
+    for weights in (kf.LossWeights(), kf.LossWeights(mse=0, l1=0.1, perceptual=0, temporal=0, smoothing=0.1)):
+        assert_matches_reference(pred, target, prev, raw, continuity=mask, weights=weights)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_only_for_inputs_that_need_them(device):
+    pred, target, prev, raw = (rand((8, 52), torch.float32, device) for _ in range(4))
+    pred.requires_grad_()
+    prev.requires_grad_()  # prev never gets a gradient
+    out = kf.temporal_loss(pred, target, prev, raw)
+    out.total.backward()
+    assert pred.grad is not None and prev.grad is None and target.grad is None
+    assert not out.terms.requires_grad
+    assert out.total.requires_grad
+
+
+def test_seed_worked_example():
+    """The seed's example: terms (0.02, 0.05, 0.03, 0.01, 0.008) and the default
+    weights give a total of 0.0428. Inputs built to realise exactly those terms:
+    one row of C = 8 with d = 0.4 in column 0 only (mse 0.16/8, l1 0.4/8), column 0
+    three times among 16 mouth indices (perceptual 3*0.16/16), prev 0.1 and raw
+    0.008 below pred everywhere."""
+    pred = torch.full((1, 8), 0.5, dtype=torch.float64)
+    target = pred.clone()
+    target[0, 0] -= 0.4
+    mouth = [0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7]
+    for fn in (kf.temporal_loss, kf.reference.temporal_loss):
+        out = fn(pred, target, pred - 0.1, pred - 0.008, mouth_indices=mouth, expression_indices=[1])
+        torch.testing.assert_close(out.terms, torch.tensor([0.02, 0.05, 0.03, 0.01, 0.008], dtype=torch.float64))
+        assert out.total.item() == pytest.approx(0.0428, abs=1e-12)
+
+
+def test_as_dict_and_output_dtypes():
+    pred = rand((4, 52), torch.bfloat16)
+    out = kf.temporal_loss(pred, rand((4, 52), torch.bfloat16), rand((4, 52), torch.bfloat16))
+    assert out.total.dtype == torch.float32 and out.terms.dtype == torch.float32
+    d = out.as_dict()
+    assert list(d) == list(kf.TERM_NAMES) + ["total"]
+    assert all(isinstance(v, float) for v in d.values())
+    assert d["total"] == pytest.approx(out.total.item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_dtypes_are_promoted_and_grads_keep_their_dtype(device):
+    pred = rand((10, 52), torch.float16, device).requires_grad_()
+    target = rand((10, 52), torch.float32, device).requires_grad_()
+    raw = rand((10, 52), torch.bfloat16, device).requires_grad_()
+    prev = rand((10, 52), torch.float64, device)
+    out = kf.temporal_loss(pred, target, prev, raw)
+    ref = kf.reference.temporal_loss(pred, target, prev, raw)
+    assert out.total.dtype == torch.float64  # float16/float32/bfloat16/float64 promote to float64
+    torch.testing.assert_close(out.total, ref.total)
+    g = torch.autograd.grad(out.total, [pred, target, raw])
+    gr = torch.autograd.grad(ref.total, [pred, target, raw])
+    for a, b, x in zip(g, gr, (pred, target, raw)):
+        assert a.dtype == x.dtype
+        torch.testing.assert_close(a, b)
+
+
+def test_module_matches_reference_module():
+    fused, ref = kf.FusedKoeMorphLoss(temporal_weight=0.3), kf.reference.KoeMorphTemporalLoss(temporal_weight=0.3)
+    pred, target, prev, raw = (rand((5, 52), torch.float64) for _ in range(4))
+    mask = torch.tensor([1, 1, 0, 1, 0])
+    a = fused(pred, target, prev=prev, raw=raw, continuity=mask)
+    b = ref(pred, target, prev=prev, raw=raw, continuity=mask)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(fused.last_terms, ref.last_terms)
+    fused.weights = {"mse_weight": 0.0}
+    assert fused.weights == kf.LossWeights(mse=0.0)
+    assert fused(pred, target).item() == pytest.approx(
+        kf.reference.temporal_loss(pred, target, weights=kf.LossWeights(mse=0.0)).total.item()
+    )
+
+
+def test_no_grad_path_allocates_no_gradients(monkeypatch):
+    """Under no_grad (or with no input requiring grad) the operator is asked for no gradient buffers."""
+    from koemorph_fused import _ops
+
+    seen = []
+    real = _ops.forward_op
+
+    def spy(*args):
+        seen.append(args[-3:])
+        out = real(*args)
+        seen.append(tuple(g.numel() for g in out[2:]))
+        return out
+
+    monkeypatch.setattr(_ops, "forward_op", spy)
+    pred = rand((64, 52)).requires_grad_()
+    with torch.no_grad():
+        kf.temporal_loss(pred, rand((64, 52)), rand((64, 52)), rand((64, 52)))
+    kf.temporal_loss(pred.detach(), rand((64, 52)), rand((64, 52)), rand((64, 52)))
+    assert seen == [(False, False, False), (0, 0, 0)] * 2
+    kf.temporal_loss(pred, rand((64, 52)), None, rand((64, 52)))  # only pred needs one
+    assert seen[-2] == (True, False, False) and seen[-1] == (64 * 52, 0, 0)
+
+
+def test_random_grad_output_scales_gradients():
+    pred, target = rand((7, 52), torch.float64), rand((7, 52), torch.float64)
+    _, _, g1 = run(kf.temporal_loss, pred, target, grad_output=1.0)
+    _, _, g2 = run(kf.temporal_loss, pred, target, grad_output=-3.25)
+    torch.testing.assert_close(g2["pred"], -3.25 * g1["pred"])

@@ -1,0 +1,52 @@
+"""LossWeights: defaults, presets, config mappings and validation."""
+
+import math
+
+import pytest
+
+import koemorph_fused as kf
+
+
+def test_defaults_are_the_seed_config():
+    assert kf.LossWeights().as_tuple() == (1.0, 0.1, 0.5, 0.2, 0.1)
+    assert kf.TERM_NAMES == ("mse", "l1", "perceptual", "temporal", "smoothing")
+    assert list(kf.MOUTH_INDICES) == list(range(12, 22))
+    assert list(kf.EXPRESSION_INDICES) == list(range(0, 10))
+
+
+def test_presets_for_stride():
+    assert kf.LossWeights.for_stride(1) == kf.LossWeights(1.0, 0.1, 0.5, 0.3, 0.15)
+    for stride in (2, 8, 32):
+        assert kf.LossWeights.for_stride(stride) == kf.LossWeights(1.0, 0.1, 0.7, 0.1, 0.05)
+    with pytest.raises(ValueError, match="stride"):
+        kf.LossWeights.for_stride(0)
+    with pytest.raises(TypeError, match="stride"):
+        kf.LossWeights.for_stride(1.5)
+
+
+def test_from_config_round_trip_and_errors():
+    cfg = {"mse_weight": 2, "l1_weight": 0.0, "perceptual_weight": 0.25, "temporal_weight": 1, "smoothing_weight": 3}
+    w = kf.LossWeights.from_config(cfg)
+    assert w.as_tuple() == (2.0, 0.0, 0.25, 1.0, 3.0) and all(isinstance(v, float) for v in w.as_tuple())
+    assert w.to_config() == {k: float(v) for k, v in cfg.items()}
+    assert kf.LossWeights.from_config({"temporal_weight": 0.3}) == kf.LossWeights(temporal=0.3)
+    with pytest.raises(ValueError, match="unknown.*'foo'"):
+        kf.LossWeights.from_config({"foo": 1})
+    with pytest.raises(TypeError):
+        kf.LossWeights.from_config([("mse_weight", 1.0)])
+
+
+@pytest.mark.parametrize("bad", [-1e-9, math.nan, math.inf, -math.inf])
+def test_invalid_values(bad):
+    with pytest.raises(ValueError):
+        kf.LossWeights(temporal=bad)
+
+
+def test_frozen_and_lerp():
+    w = kf.LossWeights()
+    with pytest.raises(AttributeError):
+        w.mse = 2.0
+    sparse, dense = kf.LossWeights.for_stride(4), kf.LossWeights.for_stride(1)
+    assert sparse.lerp(dense, 0.0) == sparse and sparse.lerp(dense, 1.0) == dense
+    mid = sparse.lerp(dense, 0.5)
+    assert mid.temporal == pytest.approx(0.2) and mid.perceptual == pytest.approx(0.6)
