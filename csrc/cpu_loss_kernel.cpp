@@ -37,7 +37,7 @@ ForwardOutputs temporal_loss_forward_cpu(const at::Tensor& pred, const at::Tenso
                                          const std::optional<at::Tensor>& raw,
                                          const std::optional<at::Tensor>& continuity,
                                          const at::Tensor& column_weights,
-                                         c10::ArrayRef<double> weights, bool grad_pred,
+                                         const at::Tensor& weights, bool grad_pred,
                                          bool grad_target, bool grad_raw) {
   const LossInputs in = prepare_inputs(pred, target, prev, raw, continuity, column_weights, weights,
                                        grad_pred, grad_target, grad_raw);

@@ -44,7 +44,7 @@ LossInputs prepare_inputs(const at::Tensor& pred, const at::Tensor& target,
                           const std::optional<at::Tensor>& prev,
                           const std::optional<at::Tensor>& raw,
                           const std::optional<at::Tensor>& continuity,
-                          const at::Tensor& column_weights, c10::ArrayRef<double> weights,
+                          const at::Tensor& column_weights, const at::Tensor& weights,
                           bool grad_pred, bool grad_target, bool grad_raw) {
   TORCH_CHECK_TYPE(is_supported_dtype(pred.scalar_type()),
                    "pred must be float16, bfloat16, float32 or float64, got ", pred.scalar_type());
@@ -55,12 +55,13 @@ LossInputs prepare_inputs(const at::Tensor& pred, const at::Tensor& target,
   if (prev) check_companion(*prev, "prev", pred);
   if (raw) check_companion(*raw, "raw", pred);
 
-  TORCH_CHECK_VALUE(weights.size() == kNumTerms, "weights must hold ", kNumTerms,
-                    " values (mse, l1, perceptual, temporal, smoothing), got ", weights.size());
-  for (size_t i = 0; i < weights.size(); ++i) {
-    TORCH_CHECK_VALUE(std::isfinite(weights[i]) && weights[i] >= 0.0,
-                      "weights must be finite and >= 0, got weights[", i, "] = ", weights[i]);
-  }
+  TORCH_CHECK_VALUE(weights.dim() == 1 && weights.numel() == kNumTerms, "weights must have shape (",
+                    kNumTerms, ",) (mse, l1, perceptual, temporal, smoothing), got ", weights.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(weights.scalar_type()), "weights must be floating, got ",
+                   weights.scalar_type());
+  TORCH_CHECK_VALUE(weights.is_cpu() || weights.device() == pred.device(),
+                    "weights must be on the CPU or on the device of pred (", pred.device(), "), got ",
+                    weights.device());
 
   LossInputs in;
   in.cols = pred.size(-1);
@@ -98,7 +99,19 @@ LossInputs prepare_inputs(const at::Tensor& pred, const at::Tensor& target,
     }
   }
 
-  std::copy(weights.begin(), weights.end(), in.weights.begin());
+  const bool ready = weights.scalar_type() == at::kDouble && weights.is_contiguous();
+  in.weight_tensor = ready ? weights : weights.to(at::kDouble).contiguous();
+  in.weights_on_host = in.weight_tensor.is_cpu();
+  if (in.weights_on_host) {
+    const double* w = in.weight_tensor.const_data_ptr<double>();
+    for (int i = 0; i < kNumTerms; ++i) {
+      // Device-resident weights cannot be checked without a sync; the Python
+      // API validates every weight when it is set.
+      TORCH_CHECK_VALUE(std::isfinite(w[i]) && w[i] >= 0.0,
+                        "weights must be finite and >= 0, got weights[", i, "] = ", w[i]);
+      in.weights[i] = w[i];
+    }
+  }
   in.grad_pred = grad_pred;
   in.grad_target = grad_target;
   in.grad_raw = grad_raw && raw.has_value();

@@ -28,6 +28,8 @@ struct LossInputs {
   at::Tensor column_weights;           // (cols,) contiguous, accumulation dtype
   int64_t rows = 0;
   int64_t cols = 0;
+  at::Tensor weight_tensor;            // (5,) float64 contiguous, on the CPU or pred's device
+  bool weights_on_host = false;        // then `weights` holds the values
   std::array<double, kNumTerms> weights{};
   bool grad_pred = false, grad_target = false, grad_raw = false;
 };
@@ -36,7 +38,7 @@ LossInputs prepare_inputs(const at::Tensor& pred, const at::Tensor& target,
                           const std::optional<at::Tensor>& prev,
                           const std::optional<at::Tensor>& raw,
                           const std::optional<at::Tensor>& continuity,
-                          const at::Tensor& column_weights, c10::ArrayRef<double> weights,
+                          const at::Tensor& column_weights, const at::Tensor& weights,
                           bool grad_pred, bool grad_target, bool grad_raw);
 
 // (total, terms, grad_pred, grad_target, grad_raw); a gradient that was not

@@ -22,12 +22,15 @@ const char* cpu_kernel_isa();
 }
 
 TORCH_LIBRARY(koemorph_fused, m) {
+  // `weights` holds the five term weights (float64), on the CPU or on pred's
+  // device: a tensor rather than floats, so that changing them recompiles
+  // nothing under torch.compile and a CUDA graph can read them on the device.
   // One pass: the five unweighted terms, the weighted total and the gradients
   // of the inputs flagged by grad_pred, grad_target and grad_raw. A gradient
   // that is not asked for comes back as an empty (0,) tensor.
   m.def(
       "temporal_loss_forward(Tensor pred, Tensor target, Tensor? prev, Tensor? raw, "
-      "Tensor? continuity, Tensor column_weights, float[] weights, bool grad_pred, "
+      "Tensor? continuity, Tensor column_weights, Tensor weights, bool grad_pred, "
       "bool grad_target, bool grad_raw) "
       "-> (Tensor total, Tensor terms, Tensor grad_pred, Tensor grad_target, Tensor grad_raw)");
   // Backward: each saved gradient times grad_output (read on the device).

@@ -60,7 +60,7 @@ class FusedTemporalLoss(torch.autograd.Function):
 
     Arguments are already validated (see :func:`koemorph_fused.temporal_loss`):
     ``prev`` and ``continuity`` are detached or None, ``column_weights`` comes
-    from :func:`column_weights`, ``weights`` is a 5-tuple of floats.
+    from :func:`column_weights`, ``weights`` is a (5,) float64 tensor.
     """
 
     @staticmethod
@@ -107,23 +107,21 @@ def _differentiable_gradients(ctx, grad_total):
     or saving anything in the forward pass beyond references to the inputs.
     """
     grad_pred, grad_target, grad_raw = ctx.saved_tensors
-    pred, target, mask, colw, w, has_prev = ctx.linearization
+    pred, target, mask, colw, weights, has_prev = ctx.linearization
     cols = pred.shape[-1]
     rows = pred.numel() // cols
     acc = colw.dtype
-    kd = colw.new_zeros(cols)
-    if w[0] > 0:
-        kd = kd + 2.0 * w[0] / (rows * cols)
-    if w[2] > 0:
-        kd = kd + (2.0 * w[2] / rows) * colw
+    w = weights.to(device=colw.device, dtype=acc)  # tensor ops only: no host sync
+    zero = w.new_zeros(())
+    kd = torch.where(w[0] > 0, 2.0 * w[0] / (rows * cols), zero) + torch.where(w[2] > 0, 2.0 * w[2] / rows, zero) * colw
     d_pred = (pred - pred.detach()).to(acc)
     d_target = (target - target.detach()).to(acc)
     lin_d = kd * (d_pred - d_target)
     lin_pred = lin_d
-    if has_prev and w[3] > 0:
+    if has_prev:
         m = pred.new_ones(pred.shape[:-1], dtype=acc) if mask is None else mask.to(acc)
         m_sum = m.sum()
-        kt = (2.0 * w[3] / cols) * m / torch.where(m_sum > 0, m_sum, torch.ones_like(m_sum))
+        kt = torch.where(w[3] > 0, 2.0 * w[3] / cols, zero) * m / torch.where(m_sum > 0, m_sum, torch.ones_like(m_sum))
         lin_pred = lin_pred + kt.unsqueeze(-1) * d_pred
     out = []
     for saved, lin, like in ((grad_pred, lin_pred, pred), (grad_target, -lin_d, target), (grad_raw, None, None)):
@@ -180,7 +178,7 @@ def fused_forward(
     raw: Optional[torch.Tensor],
     mask: Optional[torch.Tensor],
     colw: torch.Tensor,
-    weights: tuple[float, ...],
+    weights: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch to the autograd Function only when a gradient can be needed."""
     if torch.is_grad_enabled() and (

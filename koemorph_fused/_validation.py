@@ -121,7 +121,7 @@ def _normalize_indices_cached(name: str, indices: tuple[int, ...], cols: int) ->
 def normalize_indices(name: str, indices: Any, cols: int) -> tuple[int, ...]:
     """Column indices as non-negative ints, used the way ``x[..., indices]``
     uses them: repeats kept, negatives counted from the end, each in [-C, C)."""
-    if isinstance(indices, (tuple, list, range)):
+    if isinstance(indices, (tuple, list, range)) and not torch.compiler.is_compiling():
         key = tuple(indices)
         if all(type(i) is int for i in key):  # plain ints: safe to cache
             return _normalize_indices_cached(name, key, cols)

@@ -57,7 +57,16 @@ def temporal_loss(
         >>> out = kf.temporal_loss(pred, torch.rand(4, 52))
         >>> out.total.backward()
     """
-    w = resolve_weights(weights).as_tuple()
+    w = resolve_weights(weights).as_tensor()
+    return fused_temporal_loss(pred, target, prev, raw, continuity, w, mouth_indices, expression_indices)
+
+
+def fused_temporal_loss(
+    pred, target, prev, raw, continuity, weight_tensor: torch.Tensor, mouth_indices, expression_indices
+) -> LossOutput:
+    """:func:`temporal_loss` with the weights already a (5,) float64 tensor of
+    validated values, on the CPU or on pred's device (FusedKoeMorphLoss keeps
+    one that moves with the module and is updated in place)."""
     pred, target, prev, raw, mask = check_inputs(pred, target, prev, raw, continuity)
     colw = _ops.column_weights(mouth_indices, expression_indices, pred.shape[-1], pred.dtype, pred.device)
-    return LossOutput(*_ops.fused_forward(pred, target, prev, raw, mask, colw, w))
+    return LossOutput(*_ops.fused_forward(pred, target, prev, raw, mask, colw, weight_tensor))

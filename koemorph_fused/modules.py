@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .functional import Continuity, temporal_loss
+from .functional import Continuity, fused_temporal_loss, temporal_loss
 from .terms import EXPRESSION_INDICES, MOUTH_INDICES, LossOutput
 from .weights import LossWeights, resolve_weights
 
@@ -55,7 +55,12 @@ class KoeMorphLossModule(nn.Module):
         continuity: Continuity = None,
     ) -> torch.Tensor:
         """The weighted total (0-dim); the terms are kept in :attr:`last_terms`."""
-        out = type(self)._loss_function(
+        out = self._loss(pred, target, prev, raw, continuity)
+        self.last_terms = out.terms.detach()
+        return out.total
+
+    def _loss(self, pred, target, prev, raw, continuity) -> LossOutput:
+        return type(self)._loss_function(
             pred,
             target,
             prev,
@@ -65,8 +70,6 @@ class KoeMorphLossModule(nn.Module):
             mouth_indices=self.mouth_indices,
             expression_indices=self.expression_indices,
         )
-        self.last_terms = out.terms.detach()
-        return out.total
 
     def extra_repr(self) -> str:
         w = self._weights
@@ -79,9 +82,30 @@ class KoeMorphLossModule(nn.Module):
 class FusedKoeMorphLoss(KoeMorphLossModule):
     """Drop-in KoeMorph training loss backed by the fused kernel.
 
+    The weights live in a (5,) buffer that moves with the module
+    (``.to(device)``) and is updated in place when :attr:`weights` is
+    assigned, so a schedule that changes them every epoch never makes
+    torch.compile recompile, and a CUDA graph reads the current values.
+
     >>> loss_fn = FusedKoeMorphLoss()
     >>> loss = loss_fn(pred, target_seq[:, -1, :], prev=prev, raw=raw, continuity=same_file)  # doctest: +SKIP
     >>> loss.backward()  # doctest: +SKIP
     """
 
     _loss_function = staticmethod(temporal_loss)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("weight_values", self._weights.as_tensor().clone(), persistent=False)
+
+    @KoeMorphLossModule.weights.setter
+    def weights(self, value: "LossWeights | Mapping[str, Any]") -> None:
+        KoeMorphLossModule.weights.fset(self, value)
+        if "weight_values" in self._buffers:  # absent while __init__ runs
+            with torch.no_grad():
+                self.weight_values.copy_(self._weights.as_tensor())
+
+    def _loss(self, pred, target, prev, raw, continuity) -> LossOutput:
+        return fused_temporal_loss(
+            pred, target, prev, raw, continuity, self.weight_values, self.mouth_indices, self.expression_indices
+        )

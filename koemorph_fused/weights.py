@@ -8,6 +8,8 @@ import numbers
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from .terms import TERM_NAMES
 
 #: Keys of the ``loss:`` section of a KoeMorph config (``configs/dual_stream_config.yaml``).
@@ -40,10 +42,17 @@ class LossWeights:
     perceptual: float = 0.5
     temporal: float = 0.2
     smoothing: float = 0.1
+    _tensor: torch.Tensor = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in TERM_NAMES:
             object.__setattr__(self, name, _check_weight(name, getattr(self, name)))
+        # The operator takes the weights as a tensor (see csrc/ops.cpp); made once here.
+        object.__setattr__(self, "_tensor", torch.tensor(self.as_tuple(), dtype=torch.float64))
+
+    def as_tensor(self) -> torch.Tensor:
+        """The five weights as a float64 CPU tensor (shared: do not modify it)."""
+        return self._tensor
 
     def as_tuple(self) -> tuple[float, float, float, float, float]:
         """The five weights in :data:`~koemorph_fused.TERM_NAMES` order."""

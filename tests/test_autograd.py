@@ -56,7 +56,7 @@ def _sample_args(device, dtype, **flags):
     colw = kf._ops.column_weights(kf.MOUTH_INDICES, kf.EXPRESSION_INDICES, cols, dtype, torch.device(device))
     mask = (torch.rand(rows, device=device) > 0.5).to(acc)
     return (pred, target, prev if flags.get("prev", True) else None, raw if flags.get("raw", True) else None,
-            mask if flags.get("mask", True) else None, colw, [1.0, 0.1, 0.5, 0.2, 0.1],
+            mask if flags.get("mask", True) else None, colw, kf.LossWeights().as_tensor(),
             flags.get("gp", True), flags.get("gt", True), flags.get("gr", True))
 
 

@@ -84,7 +84,7 @@ def test_module_rejects_bad_weights_and_inputs():
 def op_args(**override):
     colw = torch.zeros(52)
     args = dict(pred=P, target=rand((4, 52)), prev=None, raw=None, continuity=None, colw=colw,
-                weights=[1.0, 0.1, 0.5, 0.2, 0.1], gp=False, gt=False, gr=False)
+                weights=torch.tensor([1.0, 0.1, 0.5, 0.2, 0.1], dtype=torch.float64), gp=False, gt=False, gr=False)
     args.update(override)
     return tuple(args.values())
 
@@ -96,9 +96,10 @@ OP_CASES = [
     (dict(pred=rand((0, 52)), target=rand((0, 52))), ValueError, "pred"),
     (dict(colw=torch.zeros(51)), ValueError, "column_weights"),
     (dict(colw=torch.zeros(52, dtype=torch.float64)), TypeError, "column_weights"),
-    (dict(weights=[1.0, 0.1]), ValueError, "weights"),
-    (dict(weights=[1.0, 0.1, -0.5, 0.2, 0.1]), ValueError, "weights"),
-    (dict(weights=[1.0, 0.1, math.nan, 0.2, 0.1]), ValueError, "weights"),
+    (dict(weights=torch.tensor([1.0, 0.1])), ValueError, "weights"),
+    (dict(weights=torch.tensor([1.0, 0.1, -0.5, 0.2, 0.1])), ValueError, "weights"),
+    (dict(weights=torch.tensor([1.0, 0.1, math.nan, 0.2, 0.1])), ValueError, "weights"),
+    (dict(weights=torch.tensor([1, 0, 0, 0, 0])), TypeError, "weights"),
     (dict(prev=rand((4, 52)), continuity=torch.ones(3)), ValueError, "continuity"),
     (dict(pred=torch.ones(4, 52, dtype=torch.int32), target=torch.ones(4, 52, dtype=torch.int32)), TypeError, "pred"),
 ]
