@@ -33,11 +33,12 @@ TORCH_LIBRARY(koemorph_fused, m) {
       "Tensor? continuity, Tensor column_weights, Tensor weights, bool grad_pred, "
       "bool grad_target, bool grad_raw) "
       "-> (Tensor total, Tensor terms, Tensor grad_pred, Tensor grad_target, Tensor grad_raw)");
-  // Backward: each saved gradient times grad_output (read on the device).
+  // Backward: each saved gradient times grad_output (read on the device), as
+  // `dtype` (the input dtype; saved gradients of float16 inputs are float32).
   // Empty inputs give empty outputs.
   m.def(
-      "scale_gradients(Tensor grad_output, Tensor grad_pred, Tensor grad_target, Tensor grad_raw) "
-      "-> (Tensor, Tensor, Tensor)");
+      "scale_gradients(Tensor grad_output, Tensor grad_pred, Tensor grad_target, Tensor grad_raw, "
+      "ScalarType dtype) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

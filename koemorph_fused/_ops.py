@@ -32,14 +32,22 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def gradient_storage_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the gradients saved for backward: float32 for float16 inputs
+    (small gradients would underflow before grad_output scales them), else the input's."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 @torch.library.register_fake("koemorph_fused::temporal_loss_forward")
 def _temporal_loss_forward_fake(
     pred, target, prev, raw, continuity, column_weights, weights, grad_pred, grad_target, grad_raw
 ):
     acc = accumulation_dtype(pred.dtype)
 
+    grad_dtype = gradient_storage_dtype(pred.dtype)
+
     def grad(wanted: bool) -> torch.Tensor:
-        return pred.new_empty(pred.shape) if wanted else pred.new_empty((0,))
+        return pred.new_empty(pred.shape if wanted else (0,), dtype=grad_dtype)
 
     return (
         pred.new_empty((), dtype=acc),
@@ -51,8 +59,8 @@ def _temporal_loss_forward_fake(
 
 
 @torch.library.register_fake("koemorph_fused::scale_gradients")
-def _scale_gradients_fake(grad_output, grad_pred, grad_target, grad_raw):
-    return torch.empty_like(grad_pred), torch.empty_like(grad_target), torch.empty_like(grad_raw)
+def _scale_gradients_fake(grad_output, grad_pred, grad_target, grad_raw, dtype):
+    return tuple(torch.empty_like(g, dtype=dtype) for g in (grad_pred, grad_target, grad_raw))
 
 
 class FusedTemporalLoss(torch.autograd.Function):
@@ -71,6 +79,7 @@ class FusedTemporalLoss(torch.autograd.Function):
             pred, target, prev, raw, continuity, column_weights, weights, need[0], need[1], need[3]
         )
         ctx.save_for_backward(grad_pred, grad_target, grad_raw)
+        ctx.dtype = pred.dtype
         ctx.mark_non_differentiable(terms)
         # Read only by a create_graph backward. Inputs, not outputs: no reference cycle.
         ctx.linearization = (pred, target, continuity, column_weights, weights, prev is not None)
@@ -83,7 +92,7 @@ class FusedTemporalLoss(torch.autograd.Function):
         if torch.is_grad_enabled():  # backward(create_graph=True)
             grads = _differentiable_gradients(ctx, grad_total)
         else:
-            grads = scale_op(grad_total, *ctx.saved_tensors)
+            grads = scale_op(grad_total, *ctx.saved_tensors, ctx.dtype)
         need = ctx.needs_input_grad
         return (
             grads[0] if need[0] else None,
