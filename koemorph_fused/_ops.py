@@ -23,8 +23,30 @@ from ._validation import normalize_indices
 
 library = load_library()  # registers the operators
 
-forward_op = torch.ops.koemorph_fused.temporal_loss_forward.default
-scale_op = torch.ops.koemorph_fused.scale_gradients.default
+_torch_forward = torch.ops.koemorph_fused.temporal_loss_forward.default
+_torch_scale = torch.ops.koemorph_fused.scale_gradients.default
+_fast_forward = library.forward
+_fast_scale = library.scale
+
+
+def forward_op(*args):
+    """``torch.ops.koemorph_fused.temporal_loss_forward``. Eager calls with plain
+    tensors take the library's direct entry (same operator, without the boxed
+    argument parsing of torch.ops); tracing and tensor subclasses take torch.ops."""
+    if not torch.compiler.is_compiling():
+        out = _fast_forward(*args)
+        if out is not NotImplemented:
+            return out
+    return _torch_forward(*args)
+
+
+def scale_op(*args):
+    """``torch.ops.koemorph_fused.scale_gradients``, with the same fast path as :func:`forward_op`."""
+    if not torch.compiler.is_compiling():
+        out = _fast_scale(*args)
+        if out is not NotImplemented:
+            return out
+    return _torch_scale(*args)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
