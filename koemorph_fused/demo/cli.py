@@ -129,6 +129,9 @@ def _run(args: argparse.Namespace, base) -> int:
                          f"presets rescaled to {args.config}: " + ", ".join(
                              f"{k}={v:g}" for k, v in base.to_config().items())))
 
+    # torch.optim's first optimizer imports torch._dynamo (seconds, once per process):
+    # pay it here so that it is charged to neither run.
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     runs = []
     for name, loss_fn in (("fused", FusedKoeMorphLoss()), ("reference", KoeMorphTemporalLoss())):
         bar = tqdm(total=total_steps, desc=f"{name:<9}", unit="step", disable=args.no_progress, leave=False)
