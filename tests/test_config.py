@@ -99,6 +99,6 @@ def test_bad_path_type():
 def test_repository_example_config():
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "configs" / "dual_stream_config.yaml"
+    path = Path(__file__).resolve().parents[1] / "docs" / "examples" / "dual_stream_config.yaml"
     assert kf.load_loss_weights(path) == kf.LossWeights()
     assert kf.TrainingSchedule.from_base(kf.load_loss_weights(path), 100).at(99).weights == kf.LossWeights.for_stride(1)
