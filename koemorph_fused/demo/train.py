@@ -4,8 +4,8 @@ module (the fused one or the reference), as in the seed's
 ``SequentialTrainer.train_step``.
 
 Per epoch: the schedule's phase gives the stride and the loss weights
-(``loss_fn.weights = phase.weights``: plain floats handed to the operator on
-the next call, nothing is recompiled). Per step:
+(``loss_fn.weights = phase.weights``: the fused module copies them into its
+weight buffer in place, so nothing is recompiled). Per step:
 
 1. every stream's next 256-frame window (advanced by the stride);
 2. ``continuity = continuity_mask(file_index, prev_file_index)``: rows whose
