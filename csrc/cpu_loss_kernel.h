@@ -35,15 +35,13 @@ namespace koemorph_fused {
 template <class T>
 struct Lanes<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
-  static V sign(const V& x) {
+  static KF_HD V sign(const V& x) {
     const V zero(T(0));
     return x.gt(zero) - x.lt(zero);  // 1/0 lanes; NaN compares false both ways -> 0
   }
-  static V abs(const V& x) { return x.abs(); }
-  static V keep_nonzero(const V& k, const V& v) {
-    const V zero(T(0));
-    return V::blendv(zero, v, k != zero);
-  }
+  static KF_HD V abs(const V& x) { return x.abs(); }
+  // (k != 0) is an all-ones / all-zeros lane mask: AND keeps v or gives +0.
+  static KF_HD V keep_nonzero(const V& k, const V& v) { return (k != V(T(0))) & v; }
 };
 
 namespace cpu::CPU_CAPABILITY {
@@ -76,7 +74,7 @@ struct Io {
   using Pack = std::array<AVec, kParts>;
 
   template <typename mem_t>
-  static Pack load(const mem_t* p, int64_t count) {
+  static KF_HD Pack load(const mem_t* p, int64_t count) {
     if constexpr (std::is_same_v<mem_t, acc_t>) {
       Pack out;
       for (int j = 0; j < kParts; ++j) {
@@ -95,7 +93,7 @@ struct Io {
   }
 
   template <typename mem_t>
-  static void store(mem_t* p, const Pack& v, int64_t count) {
+  static KF_HD void store(mem_t* p, const Pack& v, int64_t count) {
     if constexpr (std::is_same_v<mem_t, acc_t>) {
       for (int j = 0; j < kParts; ++j) {
         const int64_t n = std::clamp<int64_t>(count - j * AVec::size(), 0, AVec::size());
@@ -135,7 +133,7 @@ struct Problem {
 // One step of one row: kStep elements from column `col` (fewer, `count`,
 // only when the whole row is narrower than a step).
 template <typename scalar_t, bool kHasPrev, bool kHasRaw, bool kOverlap>
-inline void step(const Problem<scalar_t>& pb, int64_t row, int64_t col, int64_t count,
+KF_HD void step(const Problem<scalar_t>& pb, int64_t row, int64_t col, int64_t count,
                  const typename Io<scalar_t>::AVec& row_coef,
                  LaneSums<typename Io<scalar_t>::AVec>& acc) {
   using IO = Io<scalar_t>;
@@ -169,11 +167,10 @@ inline void step(const Problem<scalar_t>& pb, int64_t row, int64_t col, int64_t 
     }
     g_pred[j] = g;
 
-    if constexpr (kOverlap) {
-      const AVec zero(0);
-      d = AVec::blendv(zero, d, pb.tail_lanes[j]);
-      if constexpr (kHasPrev) e = AVec::blendv(zero, e, pb.tail_lanes[j]);
-      if constexpr (kHasRaw) s = AVec::blendv(zero, s, pb.tail_lanes[j]);
+    if constexpr (kOverlap) {  // lanes already counted become +0
+      d = pb.tail_lanes[j] & d;
+      if constexpr (kHasPrev) e = pb.tail_lanes[j] & e;
+      if constexpr (kHasRaw) s = pb.tail_lanes[j] & s;
     }
     accumulate_difference(acc, d, cw[j]);
     if constexpr (kHasPrev) accumulate_temporal(acc, e);
