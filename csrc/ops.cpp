@@ -79,6 +79,8 @@ PyMethodDef methods[] = {
     {"scale", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(koemorph_fused::python_scale)),
      METH_FASTCALL,
      "scale_gradients for plain tensors; NotImplemented for anything else."},
+    {"is_unit_cpu_scalar", koemorph_fused::python_is_unit_cpu_scalar, METH_O,
+     "Whether a plain CPU tensor holds the single value 1."},
     {"cpu_kernel", cpu_kernel, METH_NOARGS,
      "Which build of the CPU kernels runs on this machine: 'AVX2' or 'DEFAULT'."},
     {"cpu_buffer_pool_stats", cpu_buffer_pool_stats, METH_NOARGS,

@@ -116,4 +116,15 @@ PyObject* python_scale(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+PyObject* python_is_unit_cpu_scalar(PyObject*, PyObject* arg) {
+  HANDLE_TH_ERRORS
+  if (!is_tensor(arg)) Py_RETURN_FALSE;
+  const at::Tensor& t = THPVariable_Unpack(arg);
+  if (!t.is_cpu() || t.numel() != 1 || !at::isFloatingType(t.scalar_type())) Py_RETURN_FALSE;
+  // Reading a CPU value is not a device synchronisation.
+  if (t.item<double>() == 1.0) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+  END_HANDLE_TH_ERRORS
+}
+
 }  // namespace koemorph_fused

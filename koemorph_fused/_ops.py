@@ -27,6 +27,7 @@ _torch_forward = torch.ops.koemorph_fused.temporal_loss_forward.default
 _torch_scale = torch.ops.koemorph_fused.scale_gradients.default
 _fast_forward = library.forward
 _fast_scale = library.scale
+_is_unit_cpu_scalar = library.is_unit_cpu_scalar
 
 
 def forward_op(*args):
@@ -102,6 +103,7 @@ class FusedTemporalLoss(torch.autograd.Function):
         )
         ctx.save_for_backward(grad_pred, grad_target, grad_raw)
         ctx.dtype = pred.dtype
+        ctx.saved_are_final = grad_pred.dtype == pred.dtype  # float16 saves float32
         ctx.mark_non_differentiable(terms)
         # Read only by a create_graph backward. Inputs, not outputs: no reference cycle.
         ctx.linearization = (pred, target, continuity, column_weights, weights, prev is not None)
@@ -113,6 +115,13 @@ class FusedTemporalLoss(torch.autograd.Function):
             return None, None, None, None, None, None, None
         if torch.is_grad_enabled():  # backward(create_graph=True)
             grads = _differentiable_gradients(ctx, grad_total)
+        elif ctx.saved_are_final and not torch.compiler.is_compiling() and _is_unit_cpu_scalar(grad_total):
+            # loss.backward() on the CPU: grad_output is exactly 1, so the saved
+            # gradients are the answer. Handing them over (instead of a scaled
+            # copy) saves a pass over memory; autograd steals them when the graph
+            # is freed, and copies them if it is retained (retain_graph=True),
+            # so nothing a second backward reads is ever modified.
+            grads = ctx.saved_tensors
         else:
             grads = scale_op(grad_total, *ctx.saved_tensors, ctx.dtype)
         need = ctx.needs_input_grad

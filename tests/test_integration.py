@@ -81,9 +81,10 @@ def test_concurrent_threads_get_their_own_answers():
 
 
 def test_cpu_step_allocates_only_gradients_and_scalars():
-    """After warm-up, forward+backward takes its four gradient buffers (two
-    saved in forward, two handed to .grad in backward) from the buffer pool and
-    allocates only the scalar outputs from torch's allocator."""
+    """After warm-up, forward+backward takes its two gradient buffers from the
+    buffer pool (forward writes them; with grad_output == 1 backward hands
+    them over as pred.grad and raw.grad) and allocates only the scalar outputs
+    from torch's allocator."""
     rows = 4096
     pred, raw = rand((rows, 52)).requires_grad_(), rand((rows, 52)).requires_grad_()
     target, prev = rand((rows, 52)), rand((rows, 52))
@@ -103,10 +104,17 @@ def test_cpu_step_allocates_only_gradients_and_scalars():
     # total (4 B) and terms (20 B) from forward, the autograd seed of backward (4 B).
     assert allocated <= 64, allocated
     assert after["misses"] == before["misses"]
-    assert after["hits"] - before["hits"] == 4
+    assert after["hits"] - before["hits"] == 2
     grad_bytes = rows * 52 * 4
     assert after["in_use_bytes"] >= 2 * grad_bytes  # pred.grad and raw.grad are pool buffers
     assert pred.grad.data_ptr() != raw.grad.data_ptr()
+
+    # Any other grad_output takes the scaling pass: two more pool buffers.
+    before = lib.cpu_buffer_pool_stats()
+    pred.grad = raw.grad = None
+    (2 * kf.temporal_loss(pred, target, prev, raw).total).backward()
+    after = lib.cpu_buffer_pool_stats()
+    assert (after["hits"] + after["misses"]) - (before["hits"] + before["misses"]) == 4
 
 
 def test_buffer_pool_empty_cache_and_limit():
