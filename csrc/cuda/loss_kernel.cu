@@ -423,49 +423,87 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(const ScaleParams<src_t
 // ---------------------------------------------------------------------------
 // Host side.
 
-// Blocks that fit on the current device at once: the grid-stride grids are
-// capped there. Cached per device (a plain attribute query, no sync; safe
-// under graph capture). Only c10 CUDA headers are used: ATen/cuda/CUDAContext.h
-// needs the cuBLAS/cuSPARSE headers, which a minimal toolkit lacks.
-int max_resident_blocks() {
-  static std::atomic<int> cache[64];  // 0: not known yet
+// Per-device values computed once (attribute and occupancy queries: no sync,
+// safe under graph capture). Only c10 CUDA headers are used here:
+// ATen/cuda/CUDAContext.h needs the cuBLAS/cuSPARSE headers, which a minimal
+// toolkit lacks.
+constexpr int kMaxDevices = 64;
+
+template <typename F>
+int cached_for_device(std::atomic<int> (&cache)[kMaxDevices], F compute) {
   const int dev = c10::cuda::current_device();
-  if (dev < 64) {
+  if (dev < kMaxDevices) {
     const int known = cache[dev].load(std::memory_order_relaxed);
     if (known > 0) return known;
   }
-  int sms = 0, threads = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&threads, cudaDevAttrMaxThreadsPerMultiProcessor, dev));
-  const int blocks = std::max(1, sms) * std::max(1, threads / kThreads);
-  if (dev < 64) cache[dev].store(blocks, std::memory_order_relaxed);
-  return blocks;
+  const int value = std::max(1, compute(dev));
+  if (dev < kMaxDevices) cache[dev].store(value, std::memory_order_relaxed);
+  return value;
+}
+
+int multiprocessors() {
+  static std::atomic<int> cache[kMaxDevices];
+  return cached_for_device(cache, [](int dev) {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    return sms;
+  });
+}
+
+// Blocks of kThreads that the hardware can hold at once: caps the grids of
+// the small kernels, and bounds every forward grid (workspace size).
+int max_resident_blocks() {
+  static std::atomic<int> cache[kMaxDevices];
+  return cached_for_device(cache, [](int dev) {
+    int threads = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&threads, cudaDevAttrMaxThreadsPerMultiProcessor, dev));
+    return multiprocessors() * std::max(1, threads / kThreads);
+  });
+}
+
+// Forward blocks resident at once, from the kernel's registers: the forward
+// grid is capped there, so every block starts in the first wave.
+template <typename scalar_t, typename grad_t, int V, bool kHasPrev, bool kHasRaw>
+int forward_resident_blocks() {
+  static std::atomic<int> cache[kMaxDevices];
+  return cached_for_device(cache, [](int) {
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &per_sm, forward_kernel<scalar_t, grad_t, V, kHasPrev, kHasRaw>, kThreads, 0));
+    return std::min(max_resident_blocks(), multiprocessors() * std::max(1, per_sm));
+  });
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-template <typename scalar_t, typename grad_t, int V>
-void launch_forward_v(ForwardParams<scalar_t, grad_t> p, bool has_prev, bool has_raw,
-                      cudaStream_t stream) {
+template <typename scalar_t, typename grad_t, int V, bool kHasPrev, bool kHasRaw>
+void launch_forward_kernel(ForwardParams<scalar_t, grad_t> p, cudaStream_t stream) {
   p.items_per_row = ceil_div(p.cols, V);
-  const int grid = static_cast<int>(
-      std::min<int64_t>(ceil_div(p.rows * p.items_per_row, kThreads), max_resident_blocks()));
+  const int grid = static_cast<int>(std::min<int64_t>(
+      ceil_div(p.rows * p.items_per_row, kThreads),
+      forward_resident_blocks<scalar_t, grad_t, V, kHasPrev, kHasRaw>()));
   const int64_t step = static_cast<int64_t>(grid) * kThreads;
   p.step_rows = step / p.items_per_row;
   p.step_items = step % p.items_per_row;
-  if (has_prev && has_raw) {
-    forward_kernel<scalar_t, grad_t, V, true, true><<<grid, kThreads, 0, stream>>>(p);
-  } else if (has_prev) {
-    forward_kernel<scalar_t, grad_t, V, true, false><<<grid, kThreads, 0, stream>>>(p);
-  } else if (has_raw) {
-    forward_kernel<scalar_t, grad_t, V, false, true><<<grid, kThreads, 0, stream>>>(p);
-  } else {
-    forward_kernel<scalar_t, grad_t, V, false, false><<<grid, kThreads, 0, stream>>>(p);
-  }
+  forward_kernel<scalar_t, grad_t, V, kHasPrev, kHasRaw><<<grid, kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Number of forward blocks, for the workspace size: the largest grid any V may use.
+template <typename scalar_t, typename grad_t, int V>
+void launch_forward_v(const ForwardParams<scalar_t, grad_t>& p, bool has_prev, bool has_raw,
+                      cudaStream_t stream) {
+  if (has_prev && has_raw) {
+    launch_forward_kernel<scalar_t, grad_t, V, true, true>(p, stream);
+  } else if (has_prev) {
+    launch_forward_kernel<scalar_t, grad_t, V, true, false>(p, stream);
+  } else if (has_raw) {
+    launch_forward_kernel<scalar_t, grad_t, V, false, true>(p, stream);
+  } else {
+    launch_forward_kernel<scalar_t, grad_t, V, false, false>(p, stream);
+  }
+}
+
+// Forward blocks at most, for the workspace size: any V, any occupancy.
 int64_t forward_grid_bound(int64_t rows, int64_t cols) {
   return std::min<int64_t>(ceil_div(rows * cols, kThreads), max_resident_blocks());
 }
