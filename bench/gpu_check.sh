@@ -23,13 +23,16 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu_check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python}
-if [ -z "${CUDA_HOME:-}" ]; then
-  if [ -x /usr/local/cuda/bin/nvcc ]; then
+is_toolkit() { [ -n "$1" ] && [ -x "$1/bin/nvcc" ] && [ -f "$1/include/cuda_runtime.h" ]; }
+if ! is_toolkit "${CUDA_HOME:-}"; then
+  unset CUDA_HOME
+  if is_toolkit /usr/local/cuda; then
     export CUDA_HOME=/usr/local/cuda
   elif command -v nvcc >/dev/null 2>&1; then
-    # nvcc may be a wrapper script: follow it to the toolkit when possible.
-    CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
-    export CUDA_HOME
+    # `nvcc` may be a wrapper script; nvcc itself says where it lives.
+    top=$(nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
+    top=$(readlink -f "${top:-$(dirname "$(readlink -f "$(command -v nvcc)")")/..}")
+    if is_toolkit "$top"; then export CUDA_HOME=$top; fi
   fi
 fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -85,7 +88,9 @@ env_report() {
 
 build() {
   rm -f koemorph_fused/_C*.so  # never test a stale library
-  "$PY" setup.py build_ext --inplace
+  "$PY" setup.py build_ext --inplace || return 1
+  # A machine without a usable toolkit would quietly get a CPU-only build.
+  "$PY" -c "import sys, koemorph_fused._ops as o; sys.exit(0 if o.library.with_cuda else 'the CUDA backend was not built: no toolkit found (set CUDA_HOME)')"
 }
 
 # ptxas registers and spills per kernel for sm_90, from the build log.
