@@ -84,28 +84,24 @@ ForwardOutputs temporal_loss_forward_cpu(const at::Tensor& pred, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_gradients_cpu(const at::Tensor& grad_output,
                                                                     const at::Tensor& grad_pred,
                                                                     const at::Tensor& grad_target,
-                                                                    const at::Tensor& grad_raw) {
-  check_scale_gradients(grad_output, {grad_pred, grad_target, grad_raw});
+                                                                    const at::Tensor& grad_raw,
+                                                                    at::ScalarType dtype) {
+  check_scale_gradients(grad_output, {grad_pred, grad_target, grad_raw}, dtype);
   const at::Tensor* saved[3] = {&grad_pred, &grad_target, &grad_raw};
   at::Tensor out[3];
   cpu::ScaleArgs a{};
-  a.dtype = at::kFloat;
+  a.dtype = dtype;
   for (int i = 0; i < 3; ++i) {
     if (saved[i]->numel() == 0) {
-      out[i] = at::empty({0}, saved[i]->options());
+      out[i] = at::empty({0}, saved[i]->options().dtype(dtype));
       continue;
     }
-    out[i] = empty_cpu_gradient(saved[i]->sizes(), saved[i]->scalar_type());
-    a.dtype = saved[i]->scalar_type();
+    out[i] = empty_cpu_gradient(saved[i]->sizes(), dtype);
     a.saved[i] = saved[i]->const_data_ptr();
     a.out[i] = out[i].mutable_data_ptr();
     a.numel[i] = saved[i]->numel();
   }
-  for (int i = 0; i < 3; ++i) {
-    TORCH_CHECK_TYPE(!a.saved[i] || saved[i]->scalar_type() == a.dtype,
-                     "saved gradients must share one dtype");
-  }
-  const at::Tensor go = grad_output.to(accumulation_dtype(a.dtype));
+  const at::Tensor go = grad_output.to(accumulation_dtype(dtype));
   a.grad_output = go.const_data_ptr();
 #if KF_HAVE_AVX2_KERNELS
   if (use_avx2()) cpu::AVX2::scale_kernel(a);

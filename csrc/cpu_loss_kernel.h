@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/OpMathType.h>
@@ -34,15 +35,13 @@ namespace koemorph_fused {
 template <class T>
 struct Lanes<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
-  static V sign(const V& x) {
+  static KF_HD V sign(const V& x) {
     const V zero(T(0));
     return x.gt(zero) - x.lt(zero);  // 1/0 lanes; NaN compares false both ways -> 0
   }
-  static V abs(const V& x) { return x.abs(); }
-  static V keep_nonzero(const V& k, const V& v) {
-    const V zero(T(0));
-    return V::blendv(zero, v, k != zero);
-  }
+  static KF_HD V abs(const V& x) { return x.abs(); }
+  // (k != 0) is an all-ones / all-zeros lane mask: AND keeps v or gives +0.
+  static KF_HD V keep_nonzero(const V& k, const V& v) { return (k != V(T(0))) & v; }
 };
 
 namespace cpu::CPU_CAPABILITY {
@@ -55,8 +54,16 @@ constexpr int64_t kChunkElements = 4096;
 // Threads are only woken when each gets at least this many elements.
 constexpr int64_t kMinElementsPerThread = 65536;
 
+// Where the gradients are kept between forward and backward: float32 for
+// float16 inputs, whose narrow exponent range would flush small gradients
+// (they scale as 1/N) to zero before grad_output, e.g. a GradScaler's factor,
+// is applied; the input dtype otherwise. Backward writes the input dtype.
+template <typename scalar_t>
+using grad_storage_t = std::conditional_t<std::is_same_v<scalar_t, c10::Half>, float, scalar_t>;
+
 // Loads and stores of one "step": Vectorized<scalar_t>::size() elements,
-// held as one or two vectors of the accumulation type.
+// held as one or two vectors of the accumulation type, from and to memory of
+// the input type or of the accumulation type.
 template <typename scalar_t>
 struct Io {
   using acc_t = at::opmath_type<scalar_t>;
@@ -66,35 +73,38 @@ struct Io {
   static constexpr int kParts = static_cast<int>(kStep / AVec::size());
   using Pack = std::array<AVec, kParts>;
 
-  static Pack load(const scalar_t* p, int64_t count) {
-    if constexpr (kParts == 1) {
-      return {count == kStep ? AVec::loadu(p) : AVec::loadu(p, count)};
+  template <typename mem_t>
+  static KF_HD Pack load(const mem_t* p, int64_t count) {
+    if constexpr (std::is_same_v<mem_t, acc_t>) {
+      Pack out;
+      for (int j = 0; j < kParts; ++j) {
+        const int64_t n = std::clamp<int64_t>(count - j * AVec::size(), 0, AVec::size());
+        out[j] = n == AVec::size() ? AVec::loadu(p + j * AVec::size())
+                 : n > 0          ? AVec::loadu(p + j * AVec::size(), n)
+                                  : AVec(acc_t(0));
+      }
+      return out;
     } else {
+      static_assert(std::is_same_v<mem_t, scalar_t> && kParts == 2, "reduced-precision memory");
       const SVec v = count == kStep ? SVec::loadu(p) : SVec::loadu(p, count);
       auto [lo, hi] = at::vec::convert_to_float<scalar_t>(v);
       return {lo, hi};
     }
   }
 
-  static void store(scalar_t* p, const Pack& v, int64_t count) {
-    if constexpr (kParts == 1) {
-      if (count == kStep) v[0].store(p); else v[0].store(p, count);
+  template <typename mem_t>
+  static KF_HD void store(mem_t* p, const Pack& v, int64_t count) {
+    if constexpr (std::is_same_v<mem_t, acc_t>) {
+      for (int j = 0; j < kParts; ++j) {
+        const int64_t n = std::clamp<int64_t>(count - j * AVec::size(), 0, AVec::size());
+        if (n == AVec::size()) v[j].store(p + j * AVec::size());
+        else if (n > 0) v[j].store(p + j * AVec::size(), n);
+      }
     } else {
+      static_assert(std::is_same_v<mem_t, scalar_t> && kParts == 2, "reduced-precision memory");
       const SVec h = at::vec::convert_from_float<scalar_t>(v[0], v[1]);
       if (count == kStep) h.store(p); else h.store(p, count);
     }
-  }
-
-  // Column weights are stored in the accumulation type already.
-  static Pack load_acc(const acc_t* p, int64_t count) {
-    Pack out;
-    for (int j = 0; j < kParts; ++j) {
-      const int64_t n = std::clamp<int64_t>(count - j * AVec::size(), 0, AVec::size());
-      out[j] = n == AVec::size() ? AVec::loadu(p + j * AVec::size())
-               : n > 0          ? AVec::loadu(p + j * AVec::size(), n)
-                                : AVec(acc_t(0));
-    }
-    return out;
   }
 };
 
@@ -109,7 +119,7 @@ struct Problem {
   int64_t pred_stride, target_stride, prev_stride, raw_stride;
   const acc_t* mask;            // nullptr: every m_r is 1
   const acc_t* column_weights;
-  scalar_t *grad_pred, *grad_target, *grad_raw;  // nullptr: not requested
+  grad_storage_t<scalar_t> *grad_pred, *grad_target, *grad_raw;  // nullptr: not requested
   int64_t rows, cols;
   AVec k_mse, k_perceptual, k_l1, k_smoothing;   // GradCoefficients, broadcast
   acc_t temporal_row_scale;     // 2*w_t / (C*denom); a row's coefficient is this * m_r
@@ -123,7 +133,7 @@ struct Problem {
 // One step of one row: kStep elements from column `col` (fewer, `count`,
 // only when the whole row is narrower than a step).
 template <typename scalar_t, bool kHasPrev, bool kHasRaw, bool kOverlap>
-inline void step(const Problem<scalar_t>& pb, int64_t row, int64_t col, int64_t count,
+KF_HD void step(const Problem<scalar_t>& pb, int64_t row, int64_t col, int64_t count,
                  const typename Io<scalar_t>::AVec& row_coef,
                  LaneSums<typename Io<scalar_t>::AVec>& acc) {
   using IO = Io<scalar_t>;
@@ -132,7 +142,7 @@ inline void step(const Problem<scalar_t>& pb, int64_t row, int64_t col, int64_t 
 
   const Pack p = IO::load(pb.pred + row * pb.pred_stride + col, count);
   const Pack t = IO::load(pb.target + row * pb.target_stride + col, count);
-  const Pack cw = IO::load_acc(pb.column_weights + col, count);
+  const Pack cw = IO::load(pb.column_weights + col, count);
   Pack pv{}, rw{};
   if constexpr (kHasPrev) pv = IO::load(pb.prev + row * pb.prev_stride + col, count);
   if constexpr (kHasRaw) rw = IO::load(pb.raw + row * pb.raw_stride + col, count);
@@ -157,11 +167,10 @@ inline void step(const Problem<scalar_t>& pb, int64_t row, int64_t col, int64_t 
     }
     g_pred[j] = g;
 
-    if constexpr (kOverlap) {
-      const AVec zero(0);
-      d = AVec::blendv(zero, d, pb.tail_lanes[j]);
-      if constexpr (kHasPrev) e = AVec::blendv(zero, e, pb.tail_lanes[j]);
-      if constexpr (kHasRaw) s = AVec::blendv(zero, s, pb.tail_lanes[j]);
+    if constexpr (kOverlap) {  // lanes already counted become +0
+      d = pb.tail_lanes[j] & d;
+      if constexpr (kHasPrev) e = pb.tail_lanes[j] & e;
+      if constexpr (kHasRaw) s = pb.tail_lanes[j] & s;
     }
     accumulate_difference(acc, d, cw[j]);
     if constexpr (kHasPrev) accumulate_temporal(acc, e);
@@ -260,9 +269,10 @@ void forward_typed(ForwardArgs& a) {
   pb.raw_stride = a.raw_stride;
   pb.mask = static_cast<const acc_t*>(a.mask);
   pb.column_weights = static_cast<const acc_t*>(a.column_weights);
-  pb.grad_pred = static_cast<scalar_t*>(a.grad_pred);
-  pb.grad_target = static_cast<scalar_t*>(a.grad_target);
-  pb.grad_raw = static_cast<scalar_t*>(a.grad_raw);
+  using grad_t = grad_storage_t<scalar_t>;
+  pb.grad_pred = static_cast<grad_t*>(a.grad_pred);
+  pb.grad_target = static_cast<grad_t*>(a.grad_target);
+  pb.grad_raw = static_cast<grad_t*>(a.grad_raw);
   pb.rows = a.rows;
   pb.cols = a.cols;
 
@@ -314,18 +324,21 @@ void forward_with_inputs(ForwardArgs& a) {
   else forward_typed<scalar_t, false, false>(a);
 }
 
+// Backward: out = saved * grad_output, saved in grad_storage_t<scalar_t>,
+// out in scalar_t (rounded once, from the accumulation type).
 template <typename scalar_t>
 void scale_typed(const ScaleArgs& a) {
   using IO = Io<scalar_t>;
   using AVec = typename IO::AVec;
   using acc_t = typename IO::acc_t;
   using Pack = typename IO::Pack;
+  using grad_t = grad_storage_t<scalar_t>;
   constexpr int64_t kStep = IO::kStep;
 
   const AVec go(*static_cast<const acc_t*>(a.grad_output));
   for (int i = 0; i < 3; ++i) {
     if (!a.saved[i]) continue;
-    const auto* src = static_cast<const scalar_t*>(a.saved[i]);
+    const auto* src = static_cast<const grad_t*>(a.saved[i]);
     auto* dst = static_cast<scalar_t*>(a.out[i]);
     at::parallel_for(0, a.numel[i], kMinElementsPerThread, [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; j += kStep) {

@@ -26,7 +26,8 @@ struct ForwardArgs {
   int64_t pred_stride, target_stride, prev_stride, raw_stride;  // row strides, in elements
   const void* mask;                // (rows,) in the accumulation type; nullptr: all ones
   const void* column_weights;      // (cols,) in the accumulation type
-  void* grad_pred;                 // contiguous (rows, cols) or nullptr when not requested
+  void* grad_pred;                 // contiguous (rows, cols) or nullptr when not requested;
+                                   // float32 for float16 inputs (see grad_storage_t)
   void* grad_target;
   void* grad_raw;
   int64_t rows, cols;
@@ -38,7 +39,7 @@ struct ForwardArgs {
 };
 
 struct ScaleArgs {
-  c10::ScalarType dtype;
+  c10::ScalarType dtype;           // of the outputs (the inputs' dtype); saved: grad_storage_t
   const void* grad_output;         // one value in the accumulation type
   const void* saved[3];            // contiguous; nullptr entries are skipped
   void* out[3];

@@ -13,6 +13,10 @@ at::ScalarType accumulation_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+at::ScalarType gradient_storage_dtype(at::ScalarType dtype) {
+  return dtype == at::kHalf ? at::kFloat : dtype;
+}
+
 namespace {
 
 bool is_supported_dtype(at::ScalarType t) {
@@ -120,10 +124,11 @@ LossInputs prepare_inputs(const at::Tensor& pred, const at::Tensor& target,
 
 ForwardOutputs allocate_outputs(const LossInputs& in, const at::Tensor& pred) {
   const auto acc_opts = pred.options().dtype(accumulation_dtype(pred.scalar_type()));
+  const at::ScalarType grad_dtype = gradient_storage_dtype(pred.scalar_type());
   auto grad_or_empty = [&](bool wanted) {
-    if (!wanted) return at::empty({0}, pred.options());
-    return pred.is_cpu() ? empty_cpu_gradient(pred.sizes(), pred.scalar_type())
-                         : at::empty(pred.sizes(), pred.options());
+    if (!wanted) return at::empty({0}, pred.options().dtype(grad_dtype));
+    return pred.is_cpu() ? empty_cpu_gradient(pred.sizes(), grad_dtype)
+                         : at::empty(pred.sizes(), pred.options().dtype(grad_dtype));
   };
   return {at::empty({}, acc_opts), at::empty({kNumTerms}, acc_opts), grad_or_empty(in.grad_pred),
           grad_or_empty(in.grad_target), grad_or_empty(in.grad_raw)};
@@ -133,7 +138,10 @@ at::Tensor as_matrix(const at::Tensor& grad, const LossInputs& in) {
   return grad.numel() == 0 ? grad : grad.view({in.rows, in.cols});
 }
 
-void check_scale_gradients(const at::Tensor& grad_output, at::TensorList grads) {
+void check_scale_gradients(const at::Tensor& grad_output, at::TensorList grads, at::ScalarType dtype) {
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                       dtype == at::kBFloat16,
+                   "dtype must be float16, bfloat16, float32 or float64, got ", dtype);
   TORCH_CHECK_VALUE(grad_output.dim() == 0, "grad_output must be a 0-dim tensor, got shape ",
                     grad_output.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(grad_output.scalar_type()),
@@ -144,6 +152,9 @@ void check_scale_gradients(const at::Tensor& grad_output, at::TensorList grads) 
                       grad_output.device(), "), got ", g.device());
     TORCH_CHECK_VALUE(g.numel() == 0 || g.is_contiguous(),
                       "saved gradients must be contiguous");
+    TORCH_CHECK_TYPE(g.numel() == 0 || g.scalar_type() == gradient_storage_dtype(dtype),
+                     "saved gradients for dtype ", dtype, " must be ", gradient_storage_dtype(dtype),
+                     ", got ", g.scalar_type());
   }
 }
 

@@ -20,6 +20,11 @@ namespace koemorph_fused {
 // the sums, of `total` and `terms`, and of the column weights and mask.
 at::ScalarType accumulation_dtype(at::ScalarType dtype);
 
+// The dtype of the gradients saved between forward and backward: float32 for
+// float16 inputs (whose exponent range would flush gradients of order 1/N to
+// zero before grad_output is applied), the input dtype otherwise.
+at::ScalarType gradient_storage_dtype(at::ScalarType dtype);
+
 // One forward call, validated. Matrices are (rows, cols) views whose last
 // dimension has stride 1 (a contiguous copy is made only when it had not).
 struct LossInputs {
@@ -50,7 +55,8 @@ ForwardOutputs allocate_outputs(const LossInputs& in, const at::Tensor& pred);
 at::Tensor as_matrix(const at::Tensor& grad, const LossInputs& in);
 
 // Checks for scale_gradients: grad_output is a 0-dim floating tensor on the
-// device of the saved gradients.
-void check_scale_gradients(const at::Tensor& grad_output, at::TensorList grads);
+// device of the saved gradients, which are contiguous and of
+// gradient_storage_dtype(dtype).
+void check_scale_gradients(const at::Tensor& grad_output, at::TensorList grads, at::ScalarType dtype);
 
 }  // namespace koemorph_fused

@@ -16,6 +16,7 @@
 #endif
 
 #include "cpu_buffer_pool.h"
+#include "python_entry.h"
 
 namespace koemorph_fused {
 const char* cpu_kernel_isa();
@@ -33,11 +34,22 @@ TORCH_LIBRARY(koemorph_fused, m) {
       "Tensor? continuity, Tensor column_weights, Tensor weights, bool grad_pred, "
       "bool grad_target, bool grad_raw) "
       "-> (Tensor total, Tensor terms, Tensor grad_pred, Tensor grad_target, Tensor grad_raw)");
-  // Backward: each saved gradient times grad_output (read on the device).
+  // Backward: each saved gradient times grad_output (read on the device), as
+  // `dtype` (the input dtype; saved gradients of float16 inputs are float32).
   // Empty inputs give empty outputs.
   m.def(
-      "scale_gradients(Tensor grad_output, Tensor grad_pred, Tensor grad_target, Tensor grad_raw) "
-      "-> (Tensor, Tensor, Tensor)");
+      "scale_gradients(Tensor grad_output, Tensor grad_pred, Tensor grad_target, Tensor grad_raw, "
+      "ScalarType dtype) -> (Tensor, Tensor, Tensor)");
+}
+
+// Both operators return gradients explicitly and are not differentiable
+// themselves: autograd passes them through (their outputs carry no grad_fn).
+// koemorph_fused.temporal_loss wraps them in a torch.autograd.Function. The
+// fallthrough also spares every call the boxed "autograd not implemented"
+// fallback, a measurable share of a small call.
+TORCH_LIBRARY_IMPL(koemorph_fused, Autograd, m) {
+  m.impl("temporal_loss_forward", torch::CppFunction::makeFallthrough());
+  m.impl("scale_gradients", torch::CppFunction::makeFallthrough());
 }
 
 namespace {
@@ -60,6 +72,13 @@ PyObject* cpu_buffer_pool_empty_cache(PyObject*, PyObject*) {
 }
 
 PyMethodDef methods[] = {
+    {"forward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(koemorph_fused::python_forward)),
+     METH_FASTCALL,
+     "temporal_loss_forward for plain tensors without the boxed argument parsing of torch.ops; "
+     "NotImplemented for anything else."},
+    {"scale", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(koemorph_fused::python_scale)),
+     METH_FASTCALL,
+     "scale_gradients for plain tensors; NotImplemented for anything else."},
     {"cpu_kernel", cpu_kernel, METH_NOARGS,
      "Which build of the CPU kernels runs on this machine: 'AVX2' or 'DEFAULT'."},
     {"cpu_buffer_pool_stats", cpu_buffer_pool_stats, METH_NOARGS,

@@ -16,6 +16,10 @@ from .functional import temporal_loss
 from .modules import FusedKoeMorphLoss
 from .terms import EXPRESSION_INDICES, MOUTH_INDICES, TERM_NAMES, LossOutput
 from .weights import LossWeights
+from .config import ConfigError, load_loss_weights
+from .continuity import continuity_mask
+from .monitor import LossMonitor
+from .schedule import Phase, TrainingSchedule
 
 __version__ = "0.1.0"
 
@@ -28,4 +32,10 @@ __all__ = [
     "TERM_NAMES",
     "reference",
     "temporal_loss",
+    "ConfigError",
+    "LossMonitor",
+    "Phase",
+    "TrainingSchedule",
+    "continuity_mask",
+    "load_loss_weights",
 ]

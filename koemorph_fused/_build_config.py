@@ -34,6 +34,7 @@ CPU_SOURCES = (
     "ops.cpp",
     "loss_inputs.cpp",
     "cpu_buffer_pool.cpp",
+    "python_entry.cpp",
     "cpu_loss_kernel.cpp",
     "cpu_loss_kernel_default.cpp",
     "cpu_loss_kernel_avx2.cpp",

@@ -23,13 +23,41 @@ from ._validation import normalize_indices
 
 library = load_library()  # registers the operators
 
-forward_op = torch.ops.koemorph_fused.temporal_loss_forward.default
-scale_op = torch.ops.koemorph_fused.scale_gradients.default
+_torch_forward = torch.ops.koemorph_fused.temporal_loss_forward.default
+_torch_scale = torch.ops.koemorph_fused.scale_gradients.default
+_fast_forward = library.forward
+_fast_scale = library.scale
+
+
+def forward_op(*args):
+    """``torch.ops.koemorph_fused.temporal_loss_forward``. Eager calls with plain
+    tensors take the library's direct entry (same operator, without the boxed
+    argument parsing of torch.ops); tracing and tensor subclasses take torch.ops."""
+    if not torch.compiler.is_compiling():
+        out = _fast_forward(*args)
+        if out is not NotImplemented:
+            return out
+    return _torch_forward(*args)
+
+
+def scale_op(*args):
+    """``torch.ops.koemorph_fused.scale_gradients``, with the same fast path as :func:`forward_op`."""
+    if not torch.compiler.is_compiling():
+        out = _fast_scale(*args)
+        if out is not NotImplemented:
+            return out
+    return _torch_scale(*args)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for float64 inputs, float32 for everything else (float16/bfloat16 sum in float32)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gradient_storage_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the gradients saved for backward: float32 for float16 inputs
+    (small gradients would underflow before grad_output scales them), else the input's."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 @torch.library.register_fake("koemorph_fused::temporal_loss_forward")
@@ -38,8 +66,10 @@ def _temporal_loss_forward_fake(
 ):
     acc = accumulation_dtype(pred.dtype)
 
+    grad_dtype = gradient_storage_dtype(pred.dtype)
+
     def grad(wanted: bool) -> torch.Tensor:
-        return pred.new_empty(pred.shape) if wanted else pred.new_empty((0,))
+        return pred.new_empty(pred.shape if wanted else (0,), dtype=grad_dtype)
 
     return (
         pred.new_empty((), dtype=acc),
@@ -51,8 +81,8 @@ def _temporal_loss_forward_fake(
 
 
 @torch.library.register_fake("koemorph_fused::scale_gradients")
-def _scale_gradients_fake(grad_output, grad_pred, grad_target, grad_raw):
-    return torch.empty_like(grad_pred), torch.empty_like(grad_target), torch.empty_like(grad_raw)
+def _scale_gradients_fake(grad_output, grad_pred, grad_target, grad_raw, dtype):
+    return tuple(torch.empty_like(g, dtype=dtype) for g in (grad_pred, grad_target, grad_raw))
 
 
 class FusedTemporalLoss(torch.autograd.Function):
@@ -71,6 +101,7 @@ class FusedTemporalLoss(torch.autograd.Function):
             pred, target, prev, raw, continuity, column_weights, weights, need[0], need[1], need[3]
         )
         ctx.save_for_backward(grad_pred, grad_target, grad_raw)
+        ctx.dtype = pred.dtype
         ctx.mark_non_differentiable(terms)
         # Read only by a create_graph backward. Inputs, not outputs: no reference cycle.
         ctx.linearization = (pred, target, continuity, column_weights, weights, prev is not None)
@@ -83,7 +114,7 @@ class FusedTemporalLoss(torch.autograd.Function):
         if torch.is_grad_enabled():  # backward(create_graph=True)
             grads = _differentiable_gradients(ctx, grad_total)
         else:
-            grads = scale_op(grad_total, *ctx.saved_tensors)
+            grads = scale_op(grad_total, *ctx.saved_tensors, ctx.dtype)
         need = ctx.needs_input_grad
         return (
             grads[0] if need[0] else None,

@@ -66,7 +66,33 @@ def fused_temporal_loss(
 ) -> LossOutput:
     """:func:`temporal_loss` with the weights already a (5,) float64 tensor of
     validated values, on the CPU or on pred's device (FusedKoeMorphLoss keeps
-    one that moves with the module and is updated in place)."""
+    one that moves with the module and is updated in place).
+
+    The common case -- plain tensors of one dtype -- goes straight to the
+    operator, whose C++ checks cover shapes, devices and dtypes. Anything the
+    operator rejects, and every unusual argument, takes the full Python
+    validation of :func:`~koemorph_fused._validation.check_inputs` (shared with
+    the reference, so both raise the same errors), which also promotes mixed
+    dtypes; then the operator runs on what it returns.
+    """
+    Tensor = torch.Tensor
+    if (
+        type(pred) is Tensor
+        and type(target) is Tensor
+        and (prev is None or type(prev) is Tensor)
+        and (raw is None or type(raw) is Tensor)
+        and (continuity is None or continuity is True or type(continuity) is Tensor)
+        and pred.dim() >= 2
+    ):
+        try:
+            colw = _ops.column_weights(mouth_indices, expression_indices, pred.shape[-1], pred.dtype, pred.device)
+            return LossOutput(*_ops.fused_forward(pred, target, prev, raw, _mask(continuity), colw, weight_tensor))
+        except (TypeError, ValueError, RuntimeError):
+            pass  # the full validation below raises the precise error (or promotes dtypes)
     pred, target, prev, raw, mask = check_inputs(pred, target, prev, raw, continuity)
     colw = _ops.column_weights(mouth_indices, expression_indices, pred.shape[-1], pred.dtype, pred.device)
     return LossOutput(*_ops.fused_forward(pred, target, prev, raw, mask, colw, weight_tensor))
+
+
+def _mask(continuity):
+    return continuity if type(continuity) is torch.Tensor else None

@@ -14,6 +14,11 @@ from .terms import EXPRESSION_INDICES, MOUTH_INDICES, LossOutput
 from .weights import LossWeights, resolve_weights
 
 
+def _is_exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting and is_exporting())
+
+
 class KoeMorphLossModule(nn.Module):
     """Shared body of the fused and the reference loss modules."""
 
@@ -56,7 +61,8 @@ class KoeMorphLossModule(nn.Module):
     ) -> torch.Tensor:
         """The weighted total (0-dim); the terms are kept in :attr:`last_terms`."""
         out = self._loss(pred, target, prev, raw, continuity)
-        self.last_terms = out.terms.detach()
+        if not _is_exporting():  # an exported program has no place for module state
+            self.last_terms = out.terms.detach()
         return out.total
 
     def _loss(self, pred, target, prev, raw, continuity) -> LossOutput:

@@ -71,16 +71,16 @@ def temporal_loss(
     smoothing = zero if raw is None else F.l1_loss(p, raw.to(acc))
 
     values = (mse, l1, perceptual, temporal, smoothing)
-    active = [weight * term for weight, term in zip(w.as_tuple(), values) if weight > 0]
-    if active:  # a weight of 0 removes the term (0 * NaN stays out)
-        total = active[0]
-        for part in active[1:]:
-            total = total + part
-    else:
-        # Every weight is 0: total is 0 but stays in the graph, with zero
-        # gradients (as from the fused loss); where() keeps NaN inputs out.
+    total = zero
+    for weight, term in zip(w.as_tuple(), values):
+        if weight > 0:  # a weight of 0 removes the term (0 * NaN stays out)
+            total = total + weight * term
+    if not total.requires_grad:
+        # No weighted term depends on the inputs: total is constant, but stays
+        # in the graph with zero gradients, as the fused loss's does; where()
+        # keeps NaN inputs out of those zeros.
         inputs = p.sum() + t.sum() + (raw.sum() if raw is not None else 0)
-        total = torch.where(torch.zeros((), dtype=torch.bool, device=p.device), inputs, zero)
+        total = torch.where(torch.zeros((), dtype=torch.bool, device=p.device), inputs, total)
     return LossOutput(total, torch.stack(values).detach())
 
 

@@ -69,11 +69,30 @@ def test_opcheck_forward(device, dtype, flags):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_scale_gradients(device):
-    g = rand((6, 52), torch.float32, device)
+    op = torch.ops.koemorph_fused.scale_gradients.default
     empty = torch.empty(0, device=device)
     go = torch.tensor(0.75, device=device)
-    torch.library.opcheck(torch.ops.koemorph_fused.scale_gradients.default, (go, g, empty, g.clone()))
-    torch.library.opcheck(torch.ops.koemorph_fused.scale_gradients.default, (go.double(), empty, empty, empty))
+    g = rand((6, 52), torch.float32, device)
+    torch.library.opcheck(op, (go, g, empty, g.clone(), torch.float32))
+    torch.library.opcheck(op, (go, g, empty, g.clone(), torch.float16))  # float16 gradients are kept in float32
+    gb = rand((6, 52), torch.bfloat16, device)
+    torch.library.opcheck(op, (go, gb, gb.clone(), empty.bfloat16(), torch.bfloat16))
+    torch.library.opcheck(op, (go.double(), empty.double(), empty.double(), empty.double(), torch.float64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float16_gradients_do_not_underflow_before_grad_output(device):
+    """With grad_output = 2**16 (a GradScaler's factor) and a large batch, the
+    per-element gradients (~1e-7) are below float16's normal range; they must
+    be scaled before rounding to float16, as the reference does."""
+    pred, target = (rand((4096, 52), torch.float16, device) for _ in range(2))
+    results = []
+    for fn in (kf.temporal_loss, kf.reference.temporal_loss):
+        p = pred.clone().requires_grad_()
+        out = fn(p, target)
+        (g,) = torch.autograd.grad(out.total, p, torch.tensor(2.0**16, device=device))
+        results.append(g)
+    torch.testing.assert_close(results[0], results[1], rtol=2e-3, atol=0)
 
 
 def test_backward_twice_with_retain_graph():

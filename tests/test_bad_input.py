@@ -113,9 +113,11 @@ def test_operator_checks(override, exc, word):
 
 def test_scale_gradients_checks():
     with pytest.raises(ValueError, match="grad_output"):
-        torch.ops.koemorph_fused.scale_gradients(torch.ones(2), P, torch.empty(0), torch.empty(0))
+        torch.ops.koemorph_fused.scale_gradients(torch.ones(2), P, torch.empty(0), torch.empty(0), torch.float32)
     with pytest.raises(TypeError, match="grad_output"):
-        torch.ops.koemorph_fused.scale_gradients(torch.tensor(1), P, torch.empty(0), torch.empty(0))
+        torch.ops.koemorph_fused.scale_gradients(torch.tensor(1), P, torch.empty(0), torch.empty(0), torch.float32)
+    with pytest.raises(TypeError, match="saved gradients"):
+        torch.ops.koemorph_fused.scale_gradients(torch.tensor(1.0), P, torch.empty(0), torch.empty(0), torch.bfloat16)
 
 
 def test_nan_in_data_is_not_an_error():

@@ -1,0 +1,14 @@
+// Fast Python entry points to the operators (see python_entry.cpp).
+#pragma once
+
+#include <Python.h>
+
+namespace koemorph_fused {
+
+// forward(pred, target, prev, raw, continuity, column_weights, weights,
+//         grad_pred, grad_target, grad_raw) -> 5-tuple, or NotImplemented
+PyObject* python_forward(PyObject* self, PyObject* const* args, Py_ssize_t nargs);
+// scale(grad_output, grad_pred, grad_target, grad_raw, dtype) -> 3-tuple, or NotImplemented
+PyObject* python_scale(PyObject* self, PyObject* const* args, Py_ssize_t nargs);
+
+}  // namespace koemorph_fused
