@@ -80,7 +80,7 @@ def make_inputs(rows, cols, dtype, prev=True, raw=True, mask=True, device=DEVICE
 def test_matches_cpu(dtype, rows, cols, inputs):
     args, kwargs = make_inputs(rows, cols, dtype, **INPUTS[inputs])
     out = forward(*args, **kwargs)
-    assert out[0].device.type == DEVICE and out[2].dtype == dtype
+    assert out[0].device.type == DEVICE and out[2].dtype == _ops.gradient_storage_dtype(dtype)
     assert_same_as_cpu(out, args, kwargs, dtype)
 
 
@@ -191,12 +191,14 @@ def test_device_weights_equal_host_weights(weights):
 @pytest.mark.parametrize("go_dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_scale_gradients_matches_cpu_bitwise(dtype, numel, offset, go_dtype):
     """Backward multiplies in the accumulation type and rounds once, like the
-    CPU kernel: the same bits, on vector, scalar and tail paths."""
-    saved = [rand((offset + numel,), dtype, DEVICE)[offset:] for _ in range(2)]
-    empty = torch.empty(0, dtype=dtype, device=DEVICE)
+    CPU kernel: the same bits, on vector, scalar and tail paths (saved
+    gradients of float16 inputs are float32)."""
+    stored = _ops.gradient_storage_dtype(dtype)
+    saved = [rand((offset + numel,), stored, DEVICE)[offset:] for _ in range(2)]
+    empty = torch.empty(0, dtype=stored, device=DEVICE)
     go = torch.tensor(-1.37, dtype=go_dtype, device=DEVICE)
-    out = _ops.scale_op(go, saved[0], empty, saved[1])
-    expected = _ops.scale_op(go.cpu(), saved[0].cpu(), empty.cpu(), saved[1].cpu())
+    out = _ops.scale_op(go, saved[0], empty, saved[1], dtype)
+    expected = _ops.scale_op(go.cpu(), saved[0].cpu(), empty.cpu(), saved[1].cpu(), dtype)
     assert out[1].numel() == 0
     for a, b in zip(out, expected):
         assert a.dtype == dtype
@@ -206,7 +208,7 @@ def test_scale_gradients_matches_cpu_bitwise(dtype, numel, offset, go_dtype):
 @needs_cuda
 def test_scale_gradients_with_nothing_to_scale():
     empty = torch.empty(0, device=DEVICE)
-    out = _ops.scale_op(torch.tensor(2.0, device=DEVICE), empty, empty, empty)
+    out = _ops.scale_op(torch.tensor(2.0, device=DEVICE), empty, empty, empty, torch.float32)
     assert all(t.numel() == 0 and t.device.type == DEVICE for t in out)
 
 
@@ -258,7 +260,7 @@ def test_runs_on_the_current_stream():
         for b, x in zip(bufs + [mask_buf], pinned):
             b.copy_(x, non_blocking=True)
         out = forward(*bufs, mask=mask_buf)
-        scaled = _ops.scale_op(go, *out[2:])
+        scaled = _ops.scale_op(go, *out[2:], torch.float32)
     side.synchronize()
     cpu_out = assert_same_as_cpu(out, data, {"mask": mask.float()}, torch.float32)
     for s, c in zip(scaled, cpu_out[2:]):

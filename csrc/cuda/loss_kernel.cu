@@ -48,10 +48,11 @@ constexpr int kWarps = kThreads / 32;
 // up to 65536 / (256 * 2) = 128 (it takes at most 84 on sm_90, no spills).
 constexpr int kForwardMinBlocks = 2;
 
-// Where the gradients are kept between forward and backward. Must match the
-// dtype allocate_outputs() gives them (checked at run time before any launch).
+// Where the gradients are kept between forward and backward: float32 for
+// float16 inputs, else the input type, as gradient_storage_dtype() and the
+// CPU kernel (checked against the allocated buffers before any launch).
 template <typename scalar_t>
-using grad_storage_t = scalar_t;
+using grad_storage_t = std::conditional_t<std::is_same_v<scalar_t, c10::Half>, float, scalar_t>;
 
 // Workspace: [counter | pad | mask_sum | partials...], 8-byte slots.
 constexpr int64_t kCounterSlot = 0;
@@ -676,32 +677,31 @@ void run_scale_typed(const at::Tensor& grad_output, const at::Tensor* saved, at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_gradients_cuda(const at::Tensor& grad_output,
                                                                      const at::Tensor& grad_pred,
                                                                      const at::Tensor& grad_target,
-                                                                     const at::Tensor& grad_raw) {
-  check_scale_gradients(grad_output, {grad_pred, grad_target, grad_raw});
+                                                                     const at::Tensor& grad_raw,
+                                                                     at::ScalarType dtype) {
+  check_scale_gradients(grad_output, {grad_pred, grad_target, grad_raw}, dtype);
   const at::Tensor saved[3] = {grad_pred, grad_target, grad_raw};
   at::Tensor out[3];
   const at::Tensor* first = nullptr;
   for (int i = 0; i < 3; ++i) {
-    if (saved[i].numel() == 0) continue;
-    if (first == nullptr) first = &saved[i];
-    TORCH_CHECK_TYPE(saved[i].scalar_type() == first->scalar_type(),
-                     "saved gradients must share one dtype");
-  }
-  for (int i = 0; i < 3; ++i) {
-    out[i] = saved[i].numel() == 0 ? at::empty({0}, saved[i].options())
-                                   : at::empty(saved[i].sizes(), saved[i].options());
+    if (saved[i].numel() == 0) {
+      out[i] = at::empty({0}, saved[i].options().dtype(dtype));
+    } else {
+      out[i] = at::empty(saved[i].sizes(), saved[i].options().dtype(dtype));
+      if (first == nullptr) first = &saved[i];
+    }
   }
   if (first == nullptr) return {out[0], out[1], out[2]};  // nothing to scale, no launch
 
   TORCH_CHECK_VALUE(grad_output.is_cuda(), "grad_output must be on the device of the saved gradients");
   const c10::cuda::CUDAGuard guard(first->device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  switch (first->scalar_type()) {
+  switch (dtype) {
     case at::kFloat: run_scale_typed<float>(grad_output, saved, out, stream); break;
     case at::kDouble: run_scale_typed<double>(grad_output, saved, out, stream); break;
     case at::kHalf: run_scale_typed<c10::Half>(grad_output, saved, out, stream); break;
     case at::kBFloat16: run_scale_typed<c10::BFloat16>(grad_output, saved, out, stream); break;
-    default: TORCH_CHECK_TYPE(false, "koemorph_fused (CUDA): unsupported dtype ", first->scalar_type());
+    default: TORCH_CHECK_TYPE(false, "koemorph_fused (CUDA): unsupported dtype ", dtype);
   }
   return {out[0], out[1], out[2]};
 }
