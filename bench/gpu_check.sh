@@ -106,8 +106,8 @@ step "environment" 60 env.txt bash -c env_report
 
 if step "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)" "${GPU_CHECK_BUILD_S:-330}" build.log bash -c build; then
   step "ptxas report sm_90 (registers, no spills)" 15 ptxas_sm90.txt bash -c ptxas_report
-  step "CUDA tests (pytest -k cuda)" 200 pytest_cuda.log \
-    "$PY" -m pytest -q -ra -p no:cacheprovider tests -k cuda --junitxml="$OUT/pytest_cuda.xml"
+  step "CUDA tests (pytest -k cuda)" 240 pytest_cuda.log \
+    "$PY" -m pytest -q -ra --durations=15 -p no:cacheprovider tests -k cuda --junitxml="$OUT/pytest_cuda.xml"
   step "koemorph-fused info" 60 info.txt "$PY" -m koemorph_fused info
   step "GPU benchmark" 600 gpu_bench.txt \
     "$PY" -m koemorph_fused bench --device cuda --dtype float32,bfloat16 --mode fwdbwd \

@@ -407,3 +407,13 @@ def test_build_reports_backends_and_architectures():
         assert any((M == major and m <= minor) or (ptx and (M, m) <= (major, minor)) for M, m, ptx in built), (
             f"built for {archs}, running on sm_{major}{minor}"
         )
+
+
+def test_architecture_list_reaches_only_the_cxx_compiler(monkeypatch):
+    """nvcc splits -D values at commas: the comma-separated list must not reach it."""
+    from koemorph_fused import _build_config as config
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;8.6 9.0+PTX")
+    assert all("," not in str(value) for _, value in config.define_macros(True))
+    assert "-DKF_CUDA_ARCH_LIST=8.0,8.6,9.0+PTX" in config.cxx_flags(True)
+    assert not any(f.startswith("-DKF_CUDA_ARCH_LIST") for f in config.cxx_flags(False))
