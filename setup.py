@@ -28,7 +28,7 @@ with_cuda, why = config.want_cuda(torch.version.cuda)
 print(f"koemorph_fused: building the {'CPU and CUDA' if with_cuda else 'CPU'} backend ({why})", file=sys.stderr)
 
 Extension = CUDAExtension if with_cuda else CppExtension
-extra_compile_args = {"cxx": list(config.CXX_FLAGS)}
+extra_compile_args = {"cxx": config.cxx_flags(with_cuda)}
 if with_cuda:
     extra_compile_args["nvcc"] = list(config.NVCC_FLAGS)
     print(f"koemorph_fused: CUDA architectures {config.cuda_arch_list()}", file=sys.stderr)

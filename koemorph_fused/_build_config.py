@@ -93,13 +93,19 @@ def sources(with_cuda: bool) -> list[str]:
 
 
 def define_macros(with_cuda: bool) -> list[tuple[str, str]]:
-    """Macros for the compiler. The architecture list travels as a bare,
-    comma-separated token list (no quotes or semicolons for the shell to eat)."""
-    macros = [("KF_WITH_CUDA", "1" if with_cuda else "0")]
+    """Macros for both compilers."""
+    return [("KF_WITH_CUDA", "1" if with_cuda else "0")]
+
+
+def cxx_flags(with_cuda: bool) -> list[str]:
+    """Flags for the C++ compiler. The architecture list, read by ops.cpp only,
+    travels as a bare, comma-separated token list (no quotes or semicolons for
+    the shell to eat); it is kept away from nvcc, which splits -D at commas."""
+    flags = list(CXX_FLAGS)
     if with_cuda:
         archs = ",".join(a for a in re.split(r"[;,\s]+", cuda_arch_list()) if a)
-        macros.append(("KF_CUDA_ARCH_LIST", archs))
-    return macros
+        flags.append(f"-DKF_CUDA_ARCH_LIST={archs}")
+    return flags
 
 
 def prepare_cuda_environment() -> None:
