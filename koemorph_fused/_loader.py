@@ -8,6 +8,8 @@ Importing the library registers the ``torch.ops.koemorph_fused.*`` operators.
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import importlib.util
 import os
 import shutil
 import sys
@@ -81,14 +83,44 @@ def _build_just_in_time(reason: Exception) -> ModuleType:
         ) from exc
 
 
+def _import_own_library() -> ModuleType:
+    """``koemorph_fused._C`` from this package's own directory.
+
+    An editable install elsewhere puts a finder on ``sys.meta_path`` that
+    answers for every ``koemorph_fused.*`` name, whatever the parent package's
+    ``__path__`` says; a source tree imported through PYTHONPATH would then load
+    another tree's library, built from other sources. So look only next to
+    this file.
+    """
+    name = f"{__package__}._C"
+    if name in sys.modules:
+        return sys.modules[name]
+    package_dir = str(Path(__file__).resolve().parent)
+    spec = importlib.machinery.PathFinder.find_spec(name, [package_dir])
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no compiled {name} in {package_dir}", name=name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
 def load_library() -> ModuleType:
     """The compiled module (registers the operators as a side effect)."""
-    try:
-        return importlib.import_module("koemorph_fused._C")
-    except ImportError as exc:
-        if not (config.CSRC / "ops.cpp").is_file():
+    if not (config.CSRC / "ops.cpp").is_file():
+        # An installed wheel: whatever the import system finds is ours.
+        try:
+            return importlib.import_module(f"{__package__}._C")
+        except ImportError as exc:
             raise ImportError(
                 f"koemorph_fused: the compiled extension koemorph_fused._C is missing ({exc}) "
                 "and no C++ sources lie next to the package to build it. Reinstall koemorph_fused."
             ) from exc
+    try:
+        return _import_own_library()
+    except ImportError as exc:
         return _build_just_in_time(exc)

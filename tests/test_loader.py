@@ -46,3 +46,31 @@ def test_just_in_time_build_from_a_source_tree(tmp_path):
     assert str(tree / "build") in lines[0]
     assert float(lines[1]) == 1.0  # mse of a difference of ones
     assert "just in time" in result.stderr
+
+
+
+def test_a_source_tree_never_takes_another_trees_library(tmp_path):
+    """An editable install elsewhere answers every ``koemorph_fused.*`` name from
+    ``sys.meta_path``. A source tree on PYTHONPATH without a built library must
+    not load that other library (built from other sources); it builds its own,
+    which here fails fast for want of a compiler."""
+    tree = tmp_path / "src"
+    shutil.copytree(ROOT / "csrc", tree / "csrc")
+    shutil.copytree(ROOT / "koemorph_fused", tree / "koemorph_fused",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    code = f"""
+import importlib.machinery, sys
+class EditableLike:  # what setuptools' editable finder does, for another tree
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name == "koemorph_fused._C":
+            return importlib.machinery.PathFinder.find_spec(name, [{str(ROOT / "koemorph_fused")!r}])
+        return None
+sys.meta_path.append(EditableLike)
+import koemorph_fused
+"""
+    env = dict(os.environ, PYTHONPATH=str(tree), CXX="no-such-compiler", KOEMORPH_FUSED_CPU_ONLY="1")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0, "imported the other tree's library"
+    assert "ImportError" in result.stderr and "no-such-compiler" in result.stderr, result.stderr[-3000:]
