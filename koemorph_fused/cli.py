@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 SUBCOMMANDS = {
     "info": ("koemorph_fused.info", "versions, built backends, CPU kernel and GPU architectures"),
     "check": ("koemorph_fused.check", "compare the fused loss with the plain-PyTorch reference on every device"),
+    "bench": ("koemorph_fused.benchmark", "time fused vs eager vs torch.compile, with copy bandwidth and autograd floor"),
 }
 
 
