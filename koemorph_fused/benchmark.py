@@ -70,6 +70,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -104,7 +105,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 RESULT_COLUMNS: tuple[str, ...] = (
     "device", "dtype", "mode", "threads", "batch", "cols", "provider", "kind",
     "median_s", "q1_s", "q3_s", "min_s", "max_s", "iqr_pct", "rounds", "iters_per_round",
-    "bytes", "gbps", "copy_pct", "ratio_to_fused", "compile_s", "error", "steal_pct",
+    "bytes", "gbps", "copy_pct", "ratio_to_fused", "compile_s", "error", "other_load_pct", "steal_pct",
 )
 
 # Columns of the per-case summary (terminal table, and "cases" in --json).
@@ -114,7 +115,7 @@ SUMMARY_COLUMNS: tuple[str, ...] = (
     "eager_over_fused", "eager_over_fused_lo", "eager_over_fused_hi",
     "compile_over_fused", "compile_over_fused_lo", "compile_over_fused_hi",
     "bytes", "fused_gbps", "copy_gbps", "fused_copy_pct",
-    "floor_s", "fused_over_floor", "floor_none_s", "fused_over_floor_none", "steal_pct",
+    "floor_s", "fused_over_floor", "floor_none_s", "fused_over_floor_none", "other_load_pct", "steal_pct", "rounds_redone",
 )
 
 
@@ -265,7 +266,9 @@ def _compile_step(case: Case, x: Inputs) -> Step:
     step = _loss_step(case, x, compiled, "compile")
     _synchronize(case.device)
     t0 = time.perf_counter()
-    with torch.set_grad_enabled(step.grad_enabled):
+    with torch.set_grad_enabled(step.grad_enabled), warnings.catch_warnings():
+        # reference's argument checks call an lru_cache'd helper; dynamo traces through it (harmless here)
+        warnings.filterwarnings("ignore", message=".*functools.lru_cache.*")
         step.fn()
     _synchronize(case.device)
     step.setup_s = time.perf_counter() - t0
@@ -413,7 +416,60 @@ class Measurement:
 class CaseResult:
     case: Case
     measurements: dict[str, Measurement]
-    steal_pct: Optional[float] = None  # share of CPU time stolen by the hypervisor meanwhile
+    #: Share of the machine's CPU time (all CPUs) used by OTHER processes
+    #: during the kept rounds, and stolen by the hypervisor: the noise.
+    other_load_pct: Optional[float] = None
+    steal_pct: Optional[float] = None
+    rounds_redone: int = 0  # rounds discarded because other processes were busy
+
+
+class CpuLoad:
+    """Snapshots of /proc/stat and of this process's CPU time; the difference
+    of two gives how busy OTHER processes kept the machine meanwhile.
+    Everything is None where /proc is not available."""
+
+    def __init__(self) -> None:
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.snap = self._read()
+
+    @staticmethod
+    def _read() -> Optional[tuple[int, int, int, float]]:
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        total = sum(v[:8])
+        idle = v[3] + (v[4] if len(v) > 4 else 0)
+        steal = v[7] if len(v) > 7 else 0
+        t = os.times()  # this process, all its threads (and waited-for children)
+        return total, total - idle - steal, steal, t.user + t.system
+
+    def since(self) -> tuple[Optional[float], Optional[float]]:
+        """(other_load_pct, steal_pct) since the last call (or construction)."""
+        now = self._read()
+        before, self.snap = self.snap, now
+        if before is None or now is None or now[0] <= before[0]:
+            return None, None
+        d_total = now[0] - before[0]
+        d_busy = now[1] - before[1]
+        d_steal = now[2] - before[2]
+        d_self = (now[3] - before[3]) * self.hz
+        other = max(0.0, d_busy - d_self)
+        return 100.0 * other / d_total, 100.0 * d_steal / d_total
+
+
+def wait_until_quiet(max_wait: float, threshold_pct: float = 10.0, sample: float = 0.25) -> Optional[float]:
+    """Sleep in ``sample`` steps until other processes use less than
+    ``threshold_pct`` of the machine, for at most ``max_wait`` seconds.
+    Returns the last load seen (None where it cannot be measured)."""
+    deadline = time.monotonic() + max_wait
+    load = CpuLoad()
+    while True:
+        time.sleep(sample)
+        other, _ = load.since()
+        if other is None or other < threshold_pct or time.monotonic() >= deadline:
+            return other
 
 
 def measure_case(
@@ -422,18 +478,27 @@ def measure_case(
     min_time: float,
     rounds: int,
     progress: Optional[Callable[[str], None]] = None,
-) -> "CaseResult":
+    wait_idle: float = 0.0,
+    max_other_load: float = 25.0,
+) -> CaseResult:
     """Set up, warm up, calibrate and time every provider of one case in
     interleaved rounds. A provider that fails to set up (e.g. no kernel for
-    the device) is reported with its error instead of times."""
+    the device) is reported with its error instead of times.
+
+    With ``wait_idle`` > 0, each round first waits (up to that many seconds)
+    for other processes to quiet down, and a round during which they used
+    more than ``max_other_load`` % of the machine is discarded and run again
+    (at most ``rounds`` times in all per case)."""
     tick = progress or (lambda what: None)
     if case.device == "cpu":
         torch.set_num_threads(case.threads)
     inputs = make_inputs(case)
     steps: dict[str, Step] = {}
     out: dict[str, Measurement] = {}
-    steal0, steal_pct = cpu_steal_jiffies(), None
     iters: dict[str, int] = {}
+    others: list[float] = []
+    steals: list[float] = []
+    redone = 0
     gc.collect()
     gc_was_enabled = gc.isenabled()
     try:
@@ -454,20 +519,33 @@ def measure_case(
             out[p] = Measurement(p, step.kind, [], iters[p], setup_s=step.setup_s)
         tick(f"{case.label()} setup done")
         order = list(steps)
-        for r in range(rounds):
+        r = 0
+        while r < rounds:
             k = r % max(1, len(order))
             gc.collect()
+            if wait_idle > 0:
+                wait_until_quiet(wait_idle)
+            load = CpuLoad()
+            times: dict[str, float] = {}
             gc.disable()
             try:
                 for p in order[k:] + order[:k]:
-                    out[p].times.append(time_block(steps[p], iters[p], case.device))
+                    times[p] = time_block(steps[p], iters[p], case.device)
             finally:
                 if gc_was_enabled:
                     gc.enable()
-            tick(f"{case.label()} round {r + 1}/{rounds}")
-        steal1 = cpu_steal_jiffies()
-        if steal0 and steal1 and steal1[1] > steal0[1]:
-            steal_pct = 100.0 * (steal1[0] - steal0[0]) / (steal1[1] - steal0[1])
+            other, steal = load.since()
+            if wait_idle > 0 and other is not None and other > max_other_load and redone < rounds:
+                redone += 1
+                tick(f"{case.label()} round {r + 1}/{rounds} redone (others used {other:.0f}%)")
+                continue
+            for p, t in times.items():
+                out[p].times.append(t)
+            if other is not None:
+                others.append(other)
+                steals.append(steal)
+            r += 1
+            tick(f"{case.label()} round {r}/{rounds}")
     finally:
         steps.clear()
         del inputs
@@ -475,19 +553,8 @@ def measure_case(
             torch._dynamo.reset()
         gc.collect()
         _empty_pools(case.device)
-    return CaseResult(case, out, steal_pct)
-
-
-def cpu_steal_jiffies() -> Optional[tuple[int, int]]:
-    """(steal, total) jiffies of all CPUs from /proc/stat, or None (not Linux).
-    Steal is time the hypervisor ran someone else on our vCPUs: noise."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    steal = fields[7] if len(fields) > 7 else 0
-    return steal, sum(fields[:8])
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return CaseResult(case, out, mean(others), mean(steals), redone)
 
 
 def _empty_pools(device: str) -> None:
@@ -518,7 +585,8 @@ def result_rows(res: CaseResult) -> list[dict[str, Any]]:
         row: dict[str, Any] = dict(
             device=case.device, dtype=case.dtype, mode=case.mode, threads=case.threads, batch=case.batch,
             cols=case.cols, provider=p, kind=m.kind, rounds=len(m.times), iters_per_round=m.iters,
-            bytes=case.min_bytes, compile_s=m.setup_s, error=m.error, steal_pct=res.steal_pct,
+            bytes=case.min_bytes, compile_s=m.setup_s, error=m.error,
+            other_load_pct=res.other_load_pct, steal_pct=res.steal_pct,
         )
         if m.times:
             q1, med, q3 = _quantiles(m.times)
@@ -570,7 +638,7 @@ def summary_row(res: CaseResult) -> dict[str, Any]:
         fused_copy_pct=100.0 * copy / f if (f and copy) else None,
         floor_s=med("floor"), fused_over_floor=_ratio_stats(ms, "fused", "floor")[0],
         floor_none_s=med("floor_none"), fused_over_floor_none=_ratio_stats(ms, "fused", "floor_none")[0],
-        steal_pct=res.steal_pct,
+        other_load_pct=res.other_load_pct, steal_pct=res.steal_pct, rounds_redone=res.rounds_redone,
     )
     return {k: row.get(k) for k in SUMMARY_COLUMNS}
 
@@ -599,7 +667,7 @@ def format_table(summaries: Sequence[dict[str, Any]]) -> str:
     """The terminal table: one line per case."""
     head = ("dev", "dtype", "mode", "thr", "B", "fused", "iqr%", "eager", "compile", "eager/fused [rounds]",
             "compile/fused [rounds]", "GB/s", "copy GB/s", "%copy", "floor", "fused/floor", "floor_none",
-            "fused/f_none", "steal%")
+            "fused/f_none", "others%", "steal%")
     lines = []
     for s in summaries:
         lines.append((
@@ -610,7 +678,7 @@ def format_table(summaries: Sequence[dict[str, Any]]) -> str:
             _fmt_ratio(s["compile_over_fused"], s["compile_over_fused_lo"], s["compile_over_fused_hi"]),
             _fmt(s["fused_gbps"], ".2f"), _fmt(s["copy_gbps"], ".2f"), _fmt(s["fused_copy_pct"], ".0f"),
             _fmt_time(s["floor_s"]), _fmt(s["fused_over_floor"], ".2f"), _fmt_time(s["floor_none_s"]),
-            _fmt(s["fused_over_floor_none"], ".2f"), _fmt(s["steal_pct"], ".1f"),
+            _fmt(s["fused_over_floor_none"], ".2f"), _fmt(s["other_load_pct"], ".0f"), _fmt(s["steal_pct"], ".1f"),
         ))
     widths = [max(len(h), *(len(r[i]) for r in lines)) if lines else len(h) for i, h in enumerate(head)]
     fmt = lambda r: "  ".join(c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
@@ -623,7 +691,7 @@ def format_markdown(summaries: Sequence[dict[str, Any]]) -> str:
     """The same table in Markdown (for docs/performance.md)."""
     head = ["dtype", "mode", "thr", "B", "fused", "IQR %", "eager", "compile", "eager/fused",
             "compile/fused", "fused GB/s", "copy GB/s", "% of copy", "floor", "fused/floor",
-            "floor_none", "fused/floor_none", "steal %"]
+            "floor_none", "fused/floor_none", "others %", "steal %"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summaries:
         out.append("| " + " | ".join([
@@ -633,7 +701,7 @@ def format_markdown(summaries: Sequence[dict[str, Any]]) -> str:
             _fmt_ratio(s["compile_over_fused"], s["compile_over_fused_lo"], s["compile_over_fused_hi"]),
             _fmt(s["fused_gbps"], ".2f"), _fmt(s["copy_gbps"], ".2f"), _fmt(s["fused_copy_pct"], ".0f"),
             _fmt_time(s["floor_s"]), _fmt(s["fused_over_floor"], ".2f"), _fmt_time(s["floor_none_s"]),
-            _fmt(s["fused_over_floor_none"], ".2f"), _fmt(s["steal_pct"], ".1f"),
+            _fmt(s["fused_over_floor_none"], ".2f"), _fmt(s["other_load_pct"], ".0f"), _fmt(s["steal_pct"], ".1f"),
         ]) + " |")
     return "\n".join(out)
 
@@ -855,6 +923,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"calibrated to reach it (default: {DEFAULT_MIN_TIME})")
     t.add_argument("--rounds", type=_positive_int, default=None, metavar="N",
                    help=f"interleaved rounds; statistics are over rounds (default: {DEFAULT_ROUNDS})")
+    t.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                   help="on a shared machine: before each round wait up to SECONDS for other processes to use "
+                        "< 10%% of the CPUs, and redo a round during which they used more than --max-other-load "
+                        "(default 0: off; the load of other processes is reported either way)")
+    t.add_argument("--max-other-load", type=float, default=25.0, metavar="PCT",
+                   help="with --wait-idle: redo rounds during which other processes used more than PCT %% "
+                        "of the machine (default 25)")
     o = parser.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write machine info, every provider row and the case summaries")
     o.add_argument("--csv", metavar="FILE", help="write one row per case and provider (columns: "
@@ -882,6 +957,8 @@ def resolve_args(args: argparse.Namespace) -> dict[str, Any]:
         baselines=list(dict.fromkeys(args.baselines if args.baselines is not None else BASELINES)),
         min_time=float(pick("min_time", DEFAULT_MIN_TIME)),
         rounds=int(pick("rounds", DEFAULT_ROUNDS)),
+        wait_idle=float(getattr(args, "wait_idle", 0.0) or 0.0),
+        max_other_load=float(getattr(args, "max_other_load", 25.0)),
     )
 
 
@@ -907,12 +984,18 @@ def run(settings: dict[str, Any], progress: bool = True) -> dict[str, Any]:
                 if "setup done" in what or " round " in what:
                     bar.update(1)
 
-            res = measure_case(case, provs, settings["min_time"], settings["rounds"], tick)
+            res = measure_case(case, provs, settings["min_time"], settings["rounds"], tick,
+                               wait_idle=settings.get("wait_idle", 0.0),
+                               max_other_load=settings.get("max_other_load", 25.0))
             for m in res.measurements.values():
                 if m.error:
                     bar.write(f"{case.label()}: {m.provider} skipped: {m.error}")
             results.extend(result_rows(res))
             summaries.append(summary_row(res))
+            if progress and bar.disable:  # no terminal: one line per case instead of the bar
+                f = summaries[-1]["fused_s"]
+                print(f"[{len(summaries)}/{len(cases)}] {case.label()}: fused {_fmt_time(f)}, "
+                      f"others used {_fmt(res.other_load_pct, '.0f')}% of the CPUs", file=sys.stderr, flush=True)
     finally:
         bar.close()
         torch.set_num_threads(threads_before)
