@@ -261,6 +261,12 @@ def _synchronize(device: str) -> None:
 def _compile_step(case: Case, x: Inputs) -> Step:
     """torch.compile of the reference's total, dynamic=False; compiled by the
     first call (forward and, in fwdbwd, backward), which is timed as setup."""
+    import torch._inductor.config as inductor_config
+
+    # Compile in this process: a pool of compile-worker processes would warm
+    # up (import torch, ~seconds of CPU each) while the other providers are
+    # being timed, on a machine with only a few cores.
+    inductor_config.compile_threads = 1
     torch._dynamo.reset()  # fresh cache per case: no recompile limit, honest compile time
     compiled = torch.compile(_reference_total, dynamic=False)
     step = _loss_step(case, x, compiled, "compile")
