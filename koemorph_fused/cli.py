@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "info": ("koemorph_fused.info", "versions, built backends, CPU kernel and GPU architectures"),
     "check": ("koemorph_fused.check", "compare the fused loss with the plain-PyTorch reference on every device"),
     "demo": ("koemorph_fused.demo", "train a small temporal model with the fused loss and with the reference"),
+    "bench": ("koemorph_fused.benchmark", "time fused vs eager vs torch.compile, with copy bandwidth and autograd floor"),
 }
 
 
