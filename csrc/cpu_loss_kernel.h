@@ -39,6 +39,12 @@ struct Lanes<at::vec::Vectorized<T>> {
     const V zero(T(0));
     return x.gt(zero) - x.lt(zero);  // 1/0 lanes; NaN compares false both ways -> 0
   }
+  // k * sign(x) without the multiply: comparisons give all-ones lane masks,
+  // and k (>= 0) is selected by them. NaN compares false both ways -> +0.
+  static KF_HD V scaled_sign(const V& x, const V& k) {
+    const V zero(T(0));
+    return ((x > zero) & k) - ((x < zero) & k);
+  }
   static KF_HD V abs(const V& x) { return x.abs(); }
   // (k != 0) is an all-ones / all-zeros lane mask: AND keeps v or gives +0.
   static KF_HD V keep_nonzero(const V& k, const V& v) { return (k != V(T(0))) & v; }
@@ -199,7 +205,11 @@ using ChunkSums = std::array<double, kNumTerms>;
 
 // Rows [r0, r1): the five sums of this block, each element visited once.
 template <typename scalar_t, bool kHasPrev, bool kHasRaw>
-ChunkSums run_rows(const Problem<scalar_t>& pb, int64_t r0, int64_t r1) {
+ChunkSums run_rows(const Problem<scalar_t>& shared, int64_t r0, int64_t r1) {
+  // A private copy: the gradient stores below could alias the shared struct
+  // (vector types may alias any float), which made the compiler reload every
+  // pointer, stride and coefficient from memory at each step.
+  const Problem<scalar_t> pb = shared;
   using IO = Io<scalar_t>;
   using AVec = typename IO::AVec;
   using acc_t = typename IO::acc_t;

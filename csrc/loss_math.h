@@ -34,6 +34,8 @@ template <class T>
 struct Lanes {
   // sign(0) = 0 and sign(NaN) = 0, exactly like torch.sign and the l1_loss gradient.
   static KF_HD T sign(T x) { return static_cast<T>(T(0) < x) - static_cast<T>(x < T(0)); }
+  // k * sign(x), for a coefficient k >= 0.
+  static KF_HD T scaled_sign(T x, T k) { return k * sign(x); }
   // NaN passes through, as in torch.abs.
   static KF_HD T abs(T x) { return x < T(0) ? -x : x; }
   // v where k != 0, else exactly 0. A coefficient of 0 means "this element
@@ -81,7 +83,7 @@ KF_HD V difference_coefficient(V cw, V mse_coef, V perceptual_coef) {
 // kd == 0 (no MSE weight, column outside the perceptual lists) contributes 0.
 template <class V>
 KF_HD V difference_gradient(V d, V kd, V l1_coef) {
-  return Lanes<V>::keep_nonzero(kd, kd * d) + l1_coef * Lanes<V>::sign(d);
+  return Lanes<V>::keep_nonzero(kd, kd * d) + Lanes<V>::scaled_sign(d, l1_coef);
 }
 
 // The part of d total / d pred from the temporal term, row_coef = 2*w_t*m_r/(C*denom).
@@ -93,7 +95,7 @@ KF_HD V temporal_gradient(V e, V row_coef) {
 // The part of d total / d pred from the smoothing term; d total / d raw is its negative.
 template <class V>
 KF_HD V smoothing_gradient(V s, V smoothing_coef) {
-  return smoothing_coef * Lanes<V>::sign(s);
+  return Lanes<V>::scaled_sign(s, smoothing_coef);
 }
 
 // Running sums of one block of elements. `temporal` gathers sum_c e^2 of the
