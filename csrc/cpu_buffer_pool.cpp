@@ -131,7 +131,7 @@ at::Tensor empty_cpu_gradient(at::IntArrayRef sizes, at::ScalarType dtype) {
   for (int64_t s : sizes) numel *= s;
   const size_t nbytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
   if (nbytes < kMinPooledBytes) {
-    return at::empty(sizes, at::TensorOptions().dtype(dtype).device(at::kCPU));
+    return at::detail::empty_cpu(sizes, dtype, /*pin_memory=*/false, std::nullopt);
   }
   return at::detail::empty_generic(sizes, &GradientBufferPool::instance(),
                                    c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,

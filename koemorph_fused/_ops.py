@@ -20,6 +20,7 @@ import torch
 
 from ._loader import load_library
 from ._validation import normalize_indices
+from .terms import EXPRESSION_INDICES, MOUTH_INDICES
 
 library = load_library()  # registers the operators
 
@@ -185,7 +186,9 @@ def _make_column_weights(
 
 
 _COLUMN_WEIGHTS: dict = {}
+_DEFAULT_COLUMN_WEIGHTS: dict = {}  # (cols, input dtype, device) -> the entry for the default indices
 _CACHEABLE = (tuple, list, range)
+_DEFAULT_MOUTH, _DEFAULT_EXPRESSION = MOUTH_INDICES, EXPRESSION_INDICES
 
 
 def column_weights(
@@ -194,6 +197,11 @@ def column_weights(
     """Per-column perceptual weights ``count_M(c)/|M| + count_E(c)/|E|`` (the
     kernel divides by R), in the accumulation dtype of ``dtype``, cached per
     (indices, C, dtype, device) so a training step creates no tensor for them."""
+    if mouth_indices is _DEFAULT_MOUTH and expression_indices is _DEFAULT_EXPRESSION:
+        # The defaults, every training step: one small key, no tuple copies.
+        cached = _DEFAULT_COLUMN_WEIGHTS.get((cols, dtype, device))
+        if cached is not None:
+            return cached
     acc = accumulation_dtype(dtype)
     key = None
     if type(mouth_indices) in _CACHEABLE and type(expression_indices) in _CACHEABLE:
@@ -207,7 +215,10 @@ def column_weights(
     if key is not None and not torch.compiler.is_compiling():
         if len(_COLUMN_WEIGHTS) > 256:
             _COLUMN_WEIGHTS.clear()
+            _DEFAULT_COLUMN_WEIGHTS.clear()
         _COLUMN_WEIGHTS[key] = result
+        if mouth_indices is _DEFAULT_MOUTH and expression_indices is _DEFAULT_EXPRESSION:
+            _DEFAULT_COLUMN_WEIGHTS[(cols, dtype, device)] = result
     return result
 
 
