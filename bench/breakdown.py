@@ -49,7 +49,7 @@ def make_variants(batch: int, dtype: torch.dtype):
     x = bm.make_inputs(case)
     pred, target, prev, raw = x.pred, x.target, x.prev, x.raw
     colw = _ops.column_weights(kf.MOUTH_INDICES, kf.EXPRESSION_INDICES, 52, pred.dtype, pred.device)
-    w = kf.LossWeights().as_tuple()
+    w = kf.LossWeights().as_tensor()
     zp, zr, zt = torch.zeros_like(pred), torch.zeros_like(raw), pred.new_empty((0,))
     acc = torch.float32
 
@@ -97,12 +97,12 @@ def make_variants(batch: int, dtype: torch.dtype):
         "fused": step(lambda: kf.temporal_loss(pred, target, prev, raw).total),
     }
     nograd = {
-        "checks": lambda: (resolve_weights(DEFAULT).as_tuple(),
+        "checks": lambda: (resolve_weights(DEFAULT).as_tensor(),
                            check_inputs(pred, target, prev, raw, None),
                            _ops.column_weights(kf.MOUTH_INDICES, kf.EXPRESSION_INDICES, 52, pred.dtype, pred.device)),
         "op_overload": lambda: _ops.forward_op(pred, target, prev, raw, None, colw, w, False, False, False),
         "op_grads": lambda: _ops.forward_op(pred, target, prev, raw, None, colw, w, True, False, True),
-        "scale_op": lambda: _ops.scale_op(one, gp, gt, gr),
+        "scale_op": lambda: _ops.scale_op(one, gp, gt, gr, pred.dtype),
         "aten_add_op": lambda: torch.ops.aten.add.Tensor(a, b),
         "aten_add": lambda: torch.add(a, b),
     }
