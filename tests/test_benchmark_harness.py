@@ -160,3 +160,22 @@ def test_bench_rejects_bad_lists():
         with pytest.raises(SystemExit) as exc:
             cli_main(argv)
         assert exc.value.code == 2
+
+
+def test_breakdown_ladder_runs(capsys):
+    """bench/breakdown.py calls the operators directly: it must follow their arguments."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "breakdown.py"
+    spec = importlib.util.spec_from_file_location("kf_bench_breakdown", path)
+    breakdown = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(breakdown)
+    threads = torch.get_num_threads()
+    try:
+        assert breakdown.main(["--batch", "3", "--threads", "1", "--rounds", "1", "--min-time", "0.001"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    for variant in ("floor", "bookkeeping", "function", "fused", "op_grads", "scale_op"):
+        assert f"\n{variant} " in out, out
