@@ -39,6 +39,7 @@ ext = Extension(
     include_dirs=[str(ROOT / "csrc")],
     define_macros=config.define_macros(with_cuda),
     extra_compile_args=extra_compile_args,
+    extra_link_args=config.openmp_flags(),
 )
 
 setup(

@@ -58,7 +58,7 @@ using at::vec::Vectorized;
 // per chunk, so float32 accumulation runs over at most this many values.
 constexpr int64_t kChunkElements = 4096;
 // Threads are only woken when each gets at least this many elements.
-constexpr int64_t kMinElementsPerThread = 65536;
+constexpr int64_t kMinElementsPerThread = 16384;
 
 // Where the gradients are kept between forward and backward: float32 for
 // float16 inputs, whose narrow exponent range would flush small gradients

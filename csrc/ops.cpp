@@ -107,5 +107,12 @@ extern "C" PyMODINIT_FUNC KF_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   if (m == nullptr) return nullptr;
   PyModule_AddIntConstant(m, "with_cuda", KF_WITH_CUDA);
   PyModule_AddStringConstant(m, "cuda_arch_list", KF_STR(KF_CUDA_ARCH_LIST));
+  // Whether at::parallel_for (inline OpenMP in torch's headers) runs on several
+  // threads here; compiled without -fopenmp, it quietly uses one.
+#ifdef _OPENMP
+  PyModule_AddIntConstant(m, "cpu_openmp", 1);
+#else
+  PyModule_AddIntConstant(m, "cpu_openmp", 0);
+#endif
   return m;
 }

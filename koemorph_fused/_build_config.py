@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import shutil
 from pathlib import Path
 
@@ -97,11 +98,24 @@ def define_macros(with_cuda: bool) -> list[tuple[str, str]]:
     return [("KF_WITH_CUDA", "1" if with_cuda else "0")]
 
 
+def openmp_flags() -> list[str]:
+    """``-fopenmp`` (compile and link) where torch's parallel backend is OpenMP,
+    as in the Linux wheels. ``at::parallel_for`` is inline in torch's headers:
+    without the flag its ``#pragma omp parallel`` is silently dropped and every
+    chunk runs on the calling thread. The library then needs ``libgomp.so.1``,
+    which is the copy torch has already loaded."""
+    import torch
+
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        return ["-fopenmp"]
+    return []
+
+
 def cxx_flags(with_cuda: bool) -> list[str]:
     """Flags for the C++ compiler. The architecture list, read by ops.cpp only,
     travels as a bare, comma-separated token list (no quotes or semicolons for
     the shell to eat); it is kept away from nvcc, which splits -D at commas."""
-    flags = list(CXX_FLAGS)
+    flags = list(CXX_FLAGS) + openmp_flags()
     if with_cuda:
         archs = ",".join(a for a in re.split(r"[;,\s]+", cuda_arch_list()) if a)
         flags.append(f"-DKF_CUDA_ARCH_LIST={archs}")

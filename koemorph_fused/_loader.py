@@ -70,6 +70,7 @@ def _build_just_in_time(reason: Exception) -> ModuleType:
             sources=config.sources(with_cuda),
             extra_include_paths=[str(config.CSRC)],
             extra_cflags=config.cxx_flags(with_cuda) + macros,
+            extra_ldflags=config.openmp_flags(),
             extra_cuda_cflags=config.NVCC_FLAGS + macros,
             build_directory=str(build_dir),
             with_cuda=with_cuda,

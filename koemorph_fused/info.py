@@ -25,6 +25,7 @@ def collect() -> dict[str, Any]:
         "backends": ["cpu"] + (["cuda"] if getattr(lib, "with_cuda", 0) else []),
         "cpu_kernel": lib.cpu_kernel(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu_parallel": "OpenMP" if getattr(lib, "cpu_openmp", 0) else "none (one thread)",
         "cuda_architectures": archs,
         "cpu_buffer_pool": lib.cpu_buffer_pool_stats(),
         "cuda_devices": [],

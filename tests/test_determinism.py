@@ -63,3 +63,38 @@ def test_baseline_and_avx2_kernels_agree():
         (h1, g1), (h2, g2) = (torch.load(paths[k]) for k in ("default", "avx2"))
     torch.testing.assert_close(h1, h2, rtol=1e-5, atol=0)
     torch.testing.assert_close(g1, g2, rtol=1e-6, atol=1e-12)
+
+
+THREADS_SCRIPT = r"""
+import os, sys, torch, koemorph_fused as kf
+torch.set_num_threads(2)
+
+def cpu_ticks():
+    ticks = {}
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks[tid] = int(fields[11]) + int(fields[12])  # utime + stime
+    return ticks
+
+x = [torch.rand(262144, 52) for _ in range(4)]
+kf.temporal_loss(*x)  # warm-up: starts the OpenMP workers
+before = cpu_ticks()
+for _ in range(30):
+    kf.temporal_loss(*x)
+after = cpu_ticks()
+print(sum(1 for tid, t in after.items() if t - before.get(tid, 0) >= 3))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_cpu_kernel_runs_on_several_threads():
+    """at::parallel_for is inline OpenMP in torch's headers: a library compiled
+    without -fopenmp silently runs every chunk on the calling thread."""
+    from koemorph_fused import _ops
+
+    if not torch.backends.openmp.is_available():
+        pytest.skip("this torch does not use OpenMP")
+    assert _ops.library.cpu_openmp == 1, "compiled without OpenMP: the CPU kernel is single-threaded"
+    busy = subprocess.run([sys.executable, "-c", THREADS_SCRIPT], capture_output=True, text=True, check=True)
+    assert int(busy.stdout) >= 2, "only one thread did the work with torch.set_num_threads(2)"
