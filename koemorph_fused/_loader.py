@@ -107,6 +107,9 @@ def _import_own_library() -> ModuleType:
     except BaseException:
         del sys.modules[name]
         raise
+    parent = sys.modules.get(__package__)
+    if parent is not None:
+        parent._C = module  # as `import koemorph_fused._C` would
     return module
 
 
