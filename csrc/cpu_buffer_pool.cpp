@@ -8,7 +8,6 @@
 #include <vector>
 
 #include <ATen/EmptyTensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/core/Allocator.h>
 #include <c10/util/Exception.h>
 
@@ -126,7 +125,7 @@ class GradientBufferPool final : public c10::Allocator {
 
 }  // namespace
 
-at::Tensor empty_cpu_gradient(at::IntArrayRef sizes, at::ScalarType dtype) {
+at::Tensor empty_cpu_output(at::IntArrayRef sizes, at::ScalarType dtype) {
   int64_t numel = 1;
   for (int64_t s : sizes) numel *= s;
   const size_t nbytes = static_cast<size_t>(numel) * c10::elementSize(dtype);

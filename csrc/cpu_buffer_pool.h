@@ -17,8 +17,9 @@ namespace koemorph_fused {
 // Buffers smaller than this come from torch's own allocator.
 constexpr size_t kMinPooledBytes = 64 * 1024;
 
-// A contiguous CPU tensor for a gradient; large ones come from the pool.
-at::Tensor empty_cpu_gradient(at::IntArrayRef sizes, at::ScalarType dtype);
+// A contiguous CPU tensor, without a trip through the dispatcher; large ones
+// (gradients) come from the pool.
+at::Tensor empty_cpu_output(at::IntArrayRef sizes, at::ScalarType dtype);
 
 struct BufferPoolStats {
   int64_t cached_bytes;     // idle, kept for reuse

@@ -92,11 +92,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_gradients_cpu(const at::Ten
   cpu::ScaleArgs a{};
   a.dtype = dtype;
   for (int i = 0; i < 3; ++i) {
-    if (saved[i]->numel() == 0) {
-      out[i] = at::empty({0}, saved[i]->options().dtype(dtype));
-      continue;
-    }
-    out[i] = empty_cpu_gradient(saved[i]->sizes(), dtype);
+    out[i] = empty_cpu_output(saved[i]->sizes(), dtype);
+    if (saved[i]->numel() == 0) continue;
     a.saved[i] = saved[i]->const_data_ptr();
     a.out[i] = out[i].mutable_data_ptr();
     a.numel[i] = saved[i]->numel();

@@ -3,7 +3,6 @@
 #include <cmath>
 
 #include <ATen/ATen.h>
-#include <ATen/EmptyTensor.h>
 #include <c10/util/Exception.h>
 
 #include "cpu_buffer_pool.h"
@@ -124,25 +123,19 @@ LossInputs prepare_inputs(const at::Tensor& pred, const at::Tensor& target,
 }
 
 ForwardOutputs allocate_outputs(const LossInputs& in, const at::Tensor& pred) {
+  // On the CPU straight to the allocator (large buffers from the pool):
+  // at::empty's trip through the dispatcher costs more than the whole kernel
+  // at small B, five times per call.
+  auto empty = [&](at::IntArrayRef sizes, at::ScalarType dtype) {
+    return pred.is_cpu() ? empty_cpu_output(sizes, dtype)
+                         : at::empty(sizes, pred.options().dtype(dtype));
+  };
   const at::ScalarType acc_dtype = accumulation_dtype(pred.scalar_type());
   const at::ScalarType grad_dtype = gradient_storage_dtype(pred.scalar_type());
-  if (pred.is_cpu()) {
-    // Straight to the CPU allocator: at::empty's trip through the dispatcher
-    // costs more than the whole kernel at small B, five times per call.
-    auto empty = [](at::IntArrayRef sizes, at::ScalarType dtype) {
-      return at::detail::empty_cpu(sizes, dtype, /*pin_memory=*/false, std::nullopt);
-    };
-    auto grad_or_empty = [&](bool wanted) {
-      return wanted ? empty_cpu_gradient(pred.sizes(), grad_dtype) : empty({0}, grad_dtype);
-    };
-    return {empty({}, acc_dtype), empty({kNumTerms}, acc_dtype), grad_or_empty(in.grad_pred),
-            grad_or_empty(in.grad_target), grad_or_empty(in.grad_raw)};
-  }
-  const auto acc_opts = pred.options().dtype(acc_dtype);
   auto grad_or_empty = [&](bool wanted) {
-    return at::empty(wanted ? pred.sizes() : at::IntArrayRef{0}, pred.options().dtype(grad_dtype));
+    return empty(wanted ? pred.sizes() : at::IntArrayRef{0}, grad_dtype);
   };
-  return {at::empty({}, acc_opts), at::empty({kNumTerms}, acc_opts), grad_or_empty(in.grad_pred),
+  return {empty({}, acc_dtype), empty({kNumTerms}, acc_dtype), grad_or_empty(in.grad_pred),
           grad_or_empty(in.grad_target), grad_or_empty(in.grad_raw)};
 }
 
