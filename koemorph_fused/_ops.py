@@ -20,7 +20,6 @@ import torch
 
 from ._loader import load_library
 from ._validation import normalize_indices
-from .terms import EXPRESSION_INDICES, MOUTH_INDICES
 
 library = load_library()  # registers the operators
 
@@ -186,9 +185,7 @@ def _make_column_weights(
 
 
 _COLUMN_WEIGHTS: dict = {}
-_DEFAULT_COLUMN_WEIGHTS: dict = {}  # (cols, input dtype, device) -> the entry for the default indices
 _CACHEABLE = (tuple, list, range)
-_DEFAULT_MOUTH, _DEFAULT_EXPRESSION = MOUTH_INDICES, EXPRESSION_INDICES
 
 
 def column_weights(
@@ -196,29 +193,24 @@ def column_weights(
 ) -> torch.Tensor:
     """Per-column perceptual weights ``count_M(c)/|M| + count_E(c)/|E|`` (the
     kernel divides by R), in the accumulation dtype of ``dtype``, cached per
-    (indices, C, dtype, device) so a training step creates no tensor for them."""
-    if mouth_indices is _DEFAULT_MOUTH and expression_indices is _DEFAULT_EXPRESSION:
-        # The defaults, every training step: one small key, no tuple copies.
-        cached = _DEFAULT_COLUMN_WEIGHTS.get((cols, dtype, device))
-        if cached is not None:
-            return cached
-    acc = accumulation_dtype(dtype)
+    (indices, C, dtype, device) so a training step creates no tensor for them.
+    The lookup comes first and builds nothing but its key: it runs every step."""
     key = None
     if type(mouth_indices) in _CACHEABLE and type(expression_indices) in _CACHEABLE:
-        key = (tuple(mouth_indices), tuple(expression_indices), cols, acc, device)
-        cached = _COLUMN_WEIGHTS.get(key)
+        key = (tuple(mouth_indices), tuple(expression_indices), cols, dtype, device)
+        try:
+            cached = _COLUMN_WEIGHTS.get(key)
+        except TypeError:  # an unhashable entry: normalize_indices names it below
+            key = cached = None
         if cached is not None:
             return cached
     mouth = normalize_indices("mouth_indices", mouth_indices, cols)
     expression = normalize_indices("expression_indices", expression_indices, cols)
-    result = _make_column_weights(mouth, expression, cols, acc, device)
+    result = _make_column_weights(mouth, expression, cols, accumulation_dtype(dtype), device)
     if key is not None and not torch.compiler.is_compiling():
         if len(_COLUMN_WEIGHTS) > 256:
             _COLUMN_WEIGHTS.clear()
-            _DEFAULT_COLUMN_WEIGHTS.clear()
         _COLUMN_WEIGHTS[key] = result
-        if mouth_indices is _DEFAULT_MOUTH and expression_indices is _DEFAULT_EXPRESSION:
-            _DEFAULT_COLUMN_WEIGHTS[(cols, dtype, device)] = result
     return result
 
 
