@@ -33,6 +33,16 @@ std::optional<at::Tensor> optional_tensor(PyObject* o) {
   return THPVariable_Unpack(o);
 }
 
+// Runs f, without the GIL when the inputs are large.
+template <class F>
+auto call_releasing_gil_if(bool large, F&& f) -> decltype(f()) {
+  if (large) {
+    pybind11::gil_scoped_release no_gil;
+    return f();
+  }
+  return f();
+}
+
 PyObject* wrap(std::initializer_list<at::Tensor*> tensors) {
   PyObject* tuple = PyTuple_New(static_cast<Py_ssize_t>(tensors.size()));
   if (tuple == nullptr) return nullptr;
@@ -74,13 +84,7 @@ PyObject* python_forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
                    THPVariable_Unpack(args[5]), THPVariable_Unpack(args[6]), args[7] == Py_True,
                    args[8] == Py_True, args[9] == Py_True);
   };
-  ForwardOutputs out;
-  if (pred.numel() >= kReleaseGilElements) {
-    pybind11::gil_scoped_release no_gil;
-    out = call();
-  } else {
-    out = call();
-  }
+  ForwardOutputs out = call_releasing_gil_if(pred.numel() >= kReleaseGilElements, call);
   auto& [total, terms, grad_pred, grad_target, grad_raw] = out;
   return wrap({&total, &terms, &grad_pred, &grad_target, &grad_raw});
   END_HANDLE_TH_ERRORS
@@ -104,13 +108,7 @@ PyObject* python_scale(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return op.call(THPVariable_Unpack(args[0]), grad_pred, THPVariable_Unpack(args[2]),
                    THPVariable_Unpack(args[3]), dtype);
   };
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
-  if (grad_pred.numel() >= kReleaseGilElements) {
-    pybind11::gil_scoped_release no_gil;
-    out = call();
-  } else {
-    out = call();
-  }
+  auto out = call_releasing_gil_if(grad_pred.numel() >= kReleaseGilElements, call);
   auto& [a, b, c] = out;
   return wrap({&a, &b, &c});
   END_HANDLE_TH_ERRORS
