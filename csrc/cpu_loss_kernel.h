@@ -35,10 +35,6 @@ namespace koemorph_fused {
 template <class T>
 struct Lanes<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
-  static KF_HD V sign(const V& x) {
-    const V zero(T(0));
-    return x.gt(zero) - x.lt(zero);  // 1/0 lanes; NaN compares false both ways -> 0
-  }
   // k * sign(x) without the multiply: comparisons give all-ones lane masks,
   // and k (>= 0) is selected by them. NaN compares false both ways -> +0.
   static KF_HD V scaled_sign(const V& x, const V& k) {

@@ -139,10 +139,6 @@ ForwardOutputs allocate_outputs(const LossInputs& in, const at::Tensor& pred) {
           grad_or_empty(in.grad_target), grad_or_empty(in.grad_raw)};
 }
 
-at::Tensor as_matrix(const at::Tensor& grad, const LossInputs& in) {
-  return grad.numel() == 0 ? grad : grad.view({in.rows, in.cols});
-}
-
 void check_scale_gradients(const at::Tensor& grad_output, at::TensorList grads, at::ScalarType dtype) {
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
                        dtype == at::kBFloat16,

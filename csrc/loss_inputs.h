@@ -51,9 +51,6 @@ LossInputs prepare_inputs(const at::Tensor& pred, const at::Tensor& target,
 using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 ForwardOutputs allocate_outputs(const LossInputs& in, const at::Tensor& pred);
 
-// The matrix view of a gradient buffer allocated by allocate_outputs.
-at::Tensor as_matrix(const at::Tensor& grad, const LossInputs& in);
-
 // Checks for scale_gradients: grad_output is a 0-dim floating tensor on the
 // device of the saved gradients, which are contiguous and of
 // gradient_storage_dtype(dtype).
