@@ -5,10 +5,13 @@
 // Vectorized<> then has that width, and everything here lands in the
 // namespace koemorph_fused::cpu::CPU_CAPABILITY, so the builds cannot clash.
 //
-// Forward is ONE pass over the rows: each element is loaded once, the five
-// sums are accumulated and every requested gradient is written. Work is cut
-// into chunks of a fixed number of rows whose partial sums are added in chunk
-// order, so the result is bitwise the same whatever the thread count.
+// Forward is ONE pass over the elements: each is loaded once, the five sums
+// are accumulated and every requested gradient is written. Contiguous inputs
+// take the flat path, which reads the (R, C) block as one array whose column
+// pattern repeats every lcm(C, vector width) elements (no per-row work, no
+// overlapping last step); strided inputs take the row path. Work is cut into
+// chunks of a fixed number of rows or periods whose partial sums are added in
+// chunk order, so the result is bitwise the same whatever the thread count.
 #pragma once
 
 #ifndef CPU_CAPABILITY
@@ -18,6 +21,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -35,15 +39,26 @@ namespace koemorph_fused {
 template <class T>
 struct Lanes<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
-  // k * sign(x) without the multiply: comparisons give all-ones lane masks,
-  // and k (>= 0) is selected by them. NaN compares false both ways -> +0.
+  // k * sign(x) without the multiply, for k >= 0: k with the sign bit of x,
+  // kept where x is neither 0 nor NaN (an ordered "not equal" lane mask).
   static KF_HD V scaled_sign(const V& x, const V& k) {
-    const V zero(T(0));
-    return ((x > zero) & k) - ((x < zero) & k);
+    const V sign_bit(T(-0.0));
+    return ordered_nonzero(x) & ((x & sign_bit) | k);
   }
   static KF_HD V abs(const V& x) { return x.abs(); }
   // (k != 0) is an all-ones / all-zeros lane mask: AND keeps v or gives +0.
   static KF_HD V keep_nonzero(const V& k, const V& v) { return (k != V(T(0))) & v; }
+
+ private:
+  // All-ones lanes where x != 0 and x is not NaN.
+  static KF_HD V ordered_nonzero(const V& x) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, float>) return _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_NEQ_OQ);
+    if constexpr (std::is_same_v<T, double>) return _mm256_cmp_pd(x, _mm256_setzero_pd(), _CMP_NEQ_OQ);
+#endif
+    const V zero(T(0));
+    return (x > zero) | (x < zero);  // ordered comparisons: NaN gives 0 in both
+  }
 };
 
 namespace cpu::CPU_CAPABILITY {
@@ -55,6 +70,9 @@ using at::vec::Vectorized;
 constexpr int64_t kChunkElements = 4096;
 // Threads are only woken when each gets at least this many elements.
 constexpr int64_t kMinElementsPerThread = 16384;
+// Contiguous inputs whose column pattern repeats within this many elements
+// (lcm(C, step)) take the flat path; its per-period arrays stay in L1.
+constexpr int64_t kMaxFlatPeriod = 1024;
 
 // Where the gradients are kept between forward and backward: float32 for
 // float16 inputs, whose narrow exponent range would flush small gradients
@@ -110,80 +128,179 @@ struct Io {
   }
 };
 
+// The unsigned integer type of the size of T (for lane masks).
+template <class T>
+using Bits = std::conditional_t<sizeof(T) == 8, uint64_t, uint32_t>;
+
+// n values, zero-initialised: on the stack when n <= kInline, else on the heap.
+template <class T, int64_t kInline>
+class ScratchBuffer {
+ public:
+  explicit ScratchBuffer(int64_t n) {
+    if (n > kInline) {
+      heap_.assign(static_cast<size_t>(n), T(0));
+      data_ = heap_.data();
+    } else {
+      std::fill(local_, local_ + n, T(0));
+    }
+  }
+  ScratchBuffer(const ScratchBuffer&) = delete;
+  ScratchBuffer& operator=(const ScratchBuffer&) = delete;
+  T* data() { return data_; }
+  T& operator[](int64_t i) { return data_[i]; }
+
+ private:
+  alignas(64) T local_[kInline];
+  std::vector<T> heap_;
+  T* data_ = local_;
+};
+
 template <typename scalar_t>
 struct Problem {
   using IO = Io<scalar_t>;
   using acc_t = typename IO::acc_t;
   using AVec = typename IO::AVec;
   using Pack = typename IO::Pack;
+  using grad_t = grad_storage_t<scalar_t>;
 
   const scalar_t *pred, *target, *prev, *raw;
-  int64_t pred_stride, target_stride, prev_stride, raw_stride;
+  int64_t pred_stride, target_stride, prev_stride, raw_stride;  // row strides (row path)
   const acc_t* mask;            // nullptr: every m_r is 1
-  const acc_t* column_weights;
-  grad_storage_t<scalar_t> *grad_pred, *grad_target, *grad_raw;  // nullptr: not requested
+  const acc_t* column_weights;  // colw[c], read once per chunk
+  // Per column (row path) or per position in the period (flat path),
+  // computed once per call: kd = difference_coefficient, and kd_keep
+  // all-ones where kd != 0 (Lanes::keep_nonzero as a precomputed mask).
+  const acc_t *kd, *kd_keep;
+  // Gradients, contiguous (rows, cols). On the row path, one that was not
+  // requested points at a one-row scratch buffer (row stride 0), so that the
+  // inner loop stores without testing; grad_target is rarely wanted and is
+  // tested (nullptr: not requested).
+  grad_t *grad_pred, *grad_target, *grad_raw;
+  int64_t grad_pred_stride, grad_raw_stride;
   int64_t rows, cols;
-  AVec k_mse, k_perceptual, k_l1, k_smoothing;   // GradCoefficients, broadcast
-  acc_t temporal_row_scale;     // 2*w_t / (C*denom); a row's coefficient is this * m_r
-  bool temporal_grad;           // w_t > 0 (else the temporal term sends no gradient)
-  // When C is not a multiple of the step, a row's last step re-reads its
-  // final kStep elements; tail_lanes selects the lanes the previous steps
-  // had not covered, so that no element is summed twice.
+  AVec k_l1, k_smoothing;  // GradCoefficients, broadcast
+  AVec k_temporal;         // 2*w_t / (C*denom); the gradient is this * m_r * e
+  // Row path: when C is not a multiple of the step, a row's last step
+  // re-reads its final kStep elements; tail_lanes selects the lanes the
+  // previous steps had not covered, so that no element is summed twice.
   Pack tail_lanes;
+  // Flat path: the column pattern repeats every `period` = lcm(C, kStep)
+  // elements. Step s of a period starts in row first_row[s] of the period;
+  // second_row marks the lanes that belong to the next row (C >= kStep, so
+  // a step spans at most two rows).
+  int64_t period;
+  const int64_t* first_row;
+  const acc_t* second_row;
+  // The column weight colw[c] of each slot of the d^2 sums (see ChunkAcc);
+  // 0 for a lane that holds no element (its sum stays 0).
+  const acc_t* slot_weight;
+  int64_t slots;  // a multiple of kStep
 };
 
-// One step of one row: kStep elements from column `col` (fewer, `count`,
-// only when the whole row is narrower than a step).
-template <typename scalar_t, bool kHasPrev, bool kHasRaw, bool kOverlap>
-KF_HD void step(const Problem<scalar_t>& pb, int64_t row, int64_t col, int64_t count,
-                 const typename Io<scalar_t>::AVec& row_coef,
-                 LaneSums<typename Io<scalar_t>::AVec>& acc) {
+// What one call computes, fixed at compile time so that the inner loop has
+// no tests: which inputs are present, whether a continuity mask weighs the
+// temporal term, whether gradients are written, and whether the temporal
+// term sends one (prev given and w_temporal > 0).
+template <bool Prev, bool Raw, bool Mask, bool Grads, bool TemporalGrad>
+struct Variant {
+  static constexpr bool kHasPrev = Prev;
+  static constexpr bool kHasRaw = Raw;
+  static constexpr bool kMask = Mask;
+  static constexpr bool kGrads = Grads;
+  static constexpr bool kTemporalGrad = TemporalGrad;
+  static_assert(!Mask || Prev, "only the temporal term reads the mask");
+  static_assert(!TemporalGrad || (Prev && Grads), "a temporal gradient needs prev and gradients");
+};
+
+// Running sums of one chunk. d^2 is summed per position (slot), over the
+// rows or periods: mse (the sum over all columns) and perceptual (weighted
+// by colw[c]) both follow from these sums at the end of the chunk, so the
+// inner loop never multiplies by the column weights. On the row path each
+// step of a row has its own slot of kStep lanes, the overlapping last step
+// too, so that no slot is read right after a store to a partly overlapping address.
+template <class AVec>
+struct ChunkAcc {
+  AVec abs, temporal, smoothing;  // sum |d|, sum m_r e^2, sum |s|
+};
+
+// Where one step reads and writes: element `i` of the row bases below, and
+// position `o` of the per-column (or per-period) arrays.
+template <typename scalar_t>
+struct StepBase {
+  using acc_t = at::opmath_type<scalar_t>;
+  using grad_t = grad_storage_t<scalar_t>;
+  const scalar_t *pred, *target, *prev, *raw;
+  grad_t *grad_pred, *grad_raw, *grad_target;  // grad_target nullptr: not requested
+  const acc_t *kd, *kd_keep;
+  acc_t* sq;
+};
+
+// One step: kStep elements (fewer, `count`, at the end of a row narrower
+// than a step or of the last period). m: m_r of each lane (with V::kMask).
+template <typename scalar_t, class V, bool kOverlap>
+KF_HD void step(const Problem<scalar_t>& pb, const StepBase<scalar_t>& at, int64_t i, int64_t o,
+                int64_t count, const typename Io<scalar_t>::Pack& m,
+                ChunkAcc<typename Io<scalar_t>::AVec>& acc) {
   using IO = Io<scalar_t>;
   using AVec = typename IO::AVec;
   using Pack = typename IO::Pack;
 
-  const Pack p = IO::load(pb.pred + row * pb.pred_stride + col, count);
-  const Pack t = IO::load(pb.target + row * pb.target_stride + col, count);
-  const Pack cw = IO::load(pb.column_weights + col, count);
-  Pack pv{}, rw{};
-  if constexpr (kHasPrev) pv = IO::load(pb.prev + row * pb.prev_stride + col, count);
-  if constexpr (kHasRaw) rw = IO::load(pb.raw + row * pb.raw_stride + col, count);
+  const Pack p = IO::load(at.pred + i, count);
+  const Pack t = IO::load(at.target + i, count);
+  Pack pv{}, rw{}, kd{}, kd_keep{};
+  if constexpr (V::kHasPrev) pv = IO::load(at.prev + i, count);
+  if constexpr (V::kHasRaw) rw = IO::load(at.raw + i, count);
+  if constexpr (V::kGrads) {
+    kd = IO::load(at.kd + o, count);
+    kd_keep = IO::load(at.kd_keep + o, count);
+  }
+  Pack sq = IO::load(at.sq + o, count);
 
   Pack g_pred, g_target, g_raw;
   for (int j = 0; j < IO::kParts; ++j) {
     AVec d = p[j] - t[j];
-    const AVec gd =
-        difference_gradient(d, difference_coefficient(cw[j], pb.k_mse, pb.k_perceptual), pb.k_l1);
-    AVec g = gd;
-    g_target[j] = gd.neg();
-    AVec e, s;
-    if constexpr (kHasPrev) {
+    AVec e, me, s;  // me = m_r * e
+    if constexpr (V::kHasPrev) {
       e = p[j] - pv[j];
-      if (pb.temporal_grad) g = g + temporal_gradient(e, row_coef);
+      if constexpr (V::kMask) me = m[j] * e;
+      else me = e;
     }
-    if constexpr (kHasRaw) {
-      s = p[j] - rw[j];
-      const AVec gs = smoothing_gradient(s, pb.k_smoothing);
-      g = g + gs;
-      g_raw[j] = gs.neg();
+    if constexpr (V::kHasRaw) s = p[j] - rw[j];
+    if constexpr (V::kGrads) {
+      // difference_gradient(d, kd, k_l1) of loss_math.h, its keep_nonzero mask precomputed.
+      const AVec gd = (kd_keep[j] & (kd[j] * d)) + Lanes<AVec>::scaled_sign(d, pb.k_l1);
+      AVec g = gd;
+      g_target[j] = gd;  // negated when stored
+      if constexpr (V::kTemporalGrad) g = g + temporal_gradient(me, pb.k_temporal);
+      if constexpr (V::kHasRaw) {
+        const AVec gs = smoothing_gradient(s, pb.k_smoothing);
+        g = g + gs;
+        g_raw[j] = gs.neg();
+      }
+      g_pred[j] = g;
     }
-    g_pred[j] = g;
-
     if constexpr (kOverlap) {  // lanes already counted become +0
       d = pb.tail_lanes[j] & d;
-      if constexpr (kHasPrev) e = pb.tail_lanes[j] & e;
-      if constexpr (kHasRaw) s = pb.tail_lanes[j] & s;
+      if constexpr (V::kHasPrev) {
+        e = pb.tail_lanes[j] & e;
+        me = pb.tail_lanes[j] & me;
+      }
+      if constexpr (V::kHasRaw) s = pb.tail_lanes[j] & s;
     }
-    accumulate_difference(acc, d, cw[j]);
-    if constexpr (kHasPrev) accumulate_temporal(acc, e);
-    if constexpr (kHasRaw) accumulate_smoothing(acc, s);
+    sq[j] = at::vec::fmadd(d, d, sq[j]);
+    acc.abs = acc.abs + Lanes<AVec>::abs(d);
+    if constexpr (V::kHasPrev) acc.temporal = at::vec::fmadd(me, e, acc.temporal);
+    if constexpr (V::kHasRaw) acc.smoothing = acc.smoothing + Lanes<AVec>::abs(s);
   }
+  IO::store(at.sq + o, sq, count);
 
-  const int64_t out = row * pb.cols + col;
-  if (pb.grad_pred) IO::store(pb.grad_pred + out, g_pred, count);
-  if (pb.grad_target) IO::store(pb.grad_target + out, g_target, count);
-  if constexpr (kHasRaw) {
-    if (pb.grad_raw) IO::store(pb.grad_raw + out, g_raw, count);
+  if constexpr (V::kGrads) {
+    IO::store(at.grad_pred + i, g_pred, count);
+    if constexpr (V::kHasRaw) IO::store(at.grad_raw + i, g_raw, count);
+    if (at.grad_target) {
+      for (auto& v : g_target) v = v.neg();
+      IO::store(at.grad_target + i, g_target, count);
+    }
   }
 }
 
@@ -199,8 +316,31 @@ double horizontal_sum(const AVec& v) {
 
 using ChunkSums = std::array<double, kNumTerms>;
 
-// Rows [r0, r1): the five sums of this block, each element visited once.
-template <typename scalar_t, bool kHasPrev, bool kHasRaw>
+// The five sums of a chunk, from its running sums. `acc` is taken by value:
+// were the loop's accumulators passed by address, that address would escape,
+// and GCC would keep them in memory (any float store might alias them).
+template <typename scalar_t>
+KF_HD ChunkSums chunk_sums(const Problem<scalar_t>& pb, const typename Io<scalar_t>::acc_t* sq,
+                           ChunkAcc<typename Io<scalar_t>::AVec> acc) {
+  using AVec = typename Io<scalar_t>::AVec;
+  using acc_t = typename Io<scalar_t>::acc_t;
+  AVec sq_sum(acc_t(0)), perceptual(acc_t(0));
+  for (int64_t k = 0; k < pb.slots; k += AVec::size()) {
+    const AVec v = AVec::loadu(sq + k), w = AVec::loadu(pb.slot_weight + k);
+    sq_sum = sq_sum + v;
+    perceptual = perceptual + Lanes<AVec>::keep_nonzero(w, w * v);  // colw = 0: not in the term
+  }
+  ChunkSums out;
+  out[kMse] = horizontal_sum(sq_sum);
+  out[kL1] = horizontal_sum(acc.abs);
+  out[kPerceptual] = horizontal_sum(perceptual);
+  out[kTemporal] = horizontal_sum(acc.temporal);
+  out[kSmoothing] = horizontal_sum(acc.smoothing);
+  return out;
+}
+
+// Row path, rows [r0, r1): any row strides, any C.
+template <typename scalar_t, class V>
 ChunkSums run_rows(const Problem<scalar_t>& shared, int64_t r0, int64_t r1) {
   // A private copy: the gradient stores below could alias the shared struct
   // (vector types may alias any float), which made the compiler reload every
@@ -209,40 +349,90 @@ ChunkSums run_rows(const Problem<scalar_t>& shared, int64_t r0, int64_t r1) {
   using IO = Io<scalar_t>;
   using AVec = typename IO::AVec;
   using acc_t = typename IO::acc_t;
+  using Pack = typename IO::Pack;
   constexpr int64_t kStep = IO::kStep;
 
-  const AVec zero(acc_t(0));
-  LaneSums<AVec> acc{zero, zero, zero, zero, zero};
-  AVec temporal = zero;  // sum_r m_r * sum_c e^2
-  const int64_t full_end = pb.cols - pb.cols % kStep;
-  const bool overlap_tail = full_end != pb.cols && pb.cols >= kStep;
+  const int64_t cols = pb.cols;
+  const int64_t full_end = cols - cols % kStep;
+  const bool overlap_tail = full_end != cols && cols >= kStep;
+  ScratchBuffer<acc_t, kMaxFlatPeriod> sq(pb.slots);
 
+  const AVec zero(acc_t(0));
+  ChunkAcc<AVec> acc{zero, zero, zero};
+  Pack m{};
   for (int64_t r = r0; r < r1; ++r) {
-    const acc_t m = pb.mask ? pb.mask[r] : acc_t(1);
-    const AVec row_coef(pb.temporal_row_scale * m);
+    if constexpr (V::kMask) m.fill(AVec(pb.mask[r]));
+    const StepBase<scalar_t> at{pb.pred + r * pb.pred_stride,
+                                pb.target + r * pb.target_stride,
+                                pb.prev + r * pb.prev_stride,
+                                pb.raw + r * pb.raw_stride,
+                                pb.grad_pred + r * pb.grad_pred_stride,
+                                pb.grad_raw + r * pb.grad_raw_stride,
+                                pb.grad_target ? pb.grad_target + r * cols : nullptr,
+                                pb.kd,
+                                pb.kd_keep,
+                                sq.data()};
     int64_t c = 0;
-    for (; c < full_end; c += kStep) {
-      step<scalar_t, kHasPrev, kHasRaw, false>(pb, r, c, kStep, row_coef, acc);
-    }
-    if (c < pb.cols) {
-      if (overlap_tail) {
-        step<scalar_t, kHasPrev, kHasRaw, true>(pb, r, pb.cols - kStep, kStep, row_coef, acc);
+    for (; c < full_end; c += kStep) step<scalar_t, V, false>(pb, at, c, c, kStep, m, acc);
+    if (c < cols) {
+      if (overlap_tail) {  // columns cols-kStep.., summed into slot c
+        StepBase<scalar_t> tail = at;
+        tail.sq += c - (cols - kStep);
+        step<scalar_t, V, true>(pb, tail, cols - kStep, cols - kStep, kStep, m, acc);
       } else {
-        step<scalar_t, kHasPrev, kHasRaw, false>(pb, r, c, pb.cols - c, row_coef, acc);
+        step<scalar_t, V, false>(pb, at, c, c, cols - c, m, acc);
       }
     }
-    if constexpr (kHasPrev) {
-      temporal = temporal + AVec(m) * acc.temporal;
-      acc.temporal = zero;
+  }
+  return chunk_sums(pb, sq.data(), acc);
+}
+
+// Flat path, elements [e0, e1) of contiguous rows, e0 a multiple of the
+// period: no per-row work and no overlapping step; the column pattern is
+// read from the per-period arrays.
+template <typename scalar_t, class V>
+ChunkSums run_flat(const Problem<scalar_t>& shared, int64_t e0, int64_t e1) {
+  const Problem<scalar_t> pb = shared;  // private copy, as in run_rows
+  using IO = Io<scalar_t>;
+  using AVec = typename IO::AVec;
+  using acc_t = typename IO::acc_t;
+  using Pack = typename IO::Pack;
+  constexpr int64_t kStep = IO::kStep;
+
+  const int64_t period = pb.period;
+  ScratchBuffer<acc_t, kMaxFlatPeriod> sq(pb.slots);
+  const StepBase<scalar_t> at{pb.pred, pb.target, pb.prev, pb.raw, pb.grad_pred, pb.grad_raw,
+                              pb.grad_target, pb.kd, pb.kd_keep, sq.data()};
+  const AVec zero(acc_t(0));
+  ChunkAcc<AVec> acc{zero, zero, zero};
+  Pack m{};
+  // m_r of each lane of step o of the period that starts in row row0.
+  const auto lane_mask = [&](int64_t row0, int64_t o) {
+    if constexpr (V::kMask) {
+      const int64_t r = row0 + pb.first_row[o / kStep];
+      const AVec m0(pb.mask[r]), m1(pb.mask[std::min(r + 1, pb.rows - 1)]);
+      for (int j = 0; j < IO::kParts; ++j) {
+        m[j] = AVec::blendv(m0, m1, AVec::loadu(pb.second_row + o + j * AVec::size()));
+      }
+    }
+  };
+  const int64_t rows_per_period = period / pb.cols;
+  const int64_t full_end = e0 + (e1 - e0) / period * period;
+  int64_t row0 = e0 / pb.cols;
+  for (int64_t start = e0; start < full_end; start += period, row0 += rows_per_period) {
+    for (int64_t o = 0; o < period; o += kStep) {
+      lane_mask(row0, o);
+      step<scalar_t, V, false>(pb, at, start + o, o, kStep, m, acc);
     }
   }
-  ChunkSums out;
-  out[kMse] = horizontal_sum(acc.sq);
-  out[kL1] = horizontal_sum(acc.abs);
-  out[kPerceptual] = horizontal_sum(acc.perceptual);
-  out[kTemporal] = horizontal_sum(temporal);
-  out[kSmoothing] = horizontal_sum(acc.smoothing);
-  return out;
+  if (full_end < e1) {  // the last, partial period of the last chunk
+    const int64_t n = e1 - full_end;
+    for (int64_t o = 0; o < n; o += kStep) {
+      lane_mask(row0, o);
+      step<scalar_t, V, false>(pb, at, full_end + o, o, std::min(kStep, n - o), m, acc);
+    }
+  }
+  return chunk_sums(pb, sq.data(), acc);
 }
 
 // sum_r m_r, in a fixed order (eight interleaved partial sums).
@@ -257,12 +447,14 @@ double sum_mask(const acc_t* m, int64_t n) {
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
-template <typename scalar_t, bool kHasPrev, bool kHasRaw>
+template <typename scalar_t, class V>
 void forward_typed(ForwardArgs& a) {
   using IO = Io<scalar_t>;
   using AVec = typename IO::AVec;
   using acc_t = typename IO::acc_t;
+  using grad_t = grad_storage_t<scalar_t>;
   constexpr int64_t kStep = IO::kStep;
+  const int64_t rows = a.rows, cols = a.cols;
 
   Problem<scalar_t> pb;
   pb.pred = static_cast<const scalar_t*>(a.pred);
@@ -275,45 +467,104 @@ void forward_typed(ForwardArgs& a) {
   pb.raw_stride = a.raw_stride;
   pb.mask = static_cast<const acc_t*>(a.mask);
   pb.column_weights = static_cast<const acc_t*>(a.column_weights);
-  using grad_t = grad_storage_t<scalar_t>;
-  pb.grad_pred = static_cast<grad_t*>(a.grad_pred);
-  pb.grad_target = static_cast<grad_t*>(a.grad_target);
-  pb.grad_raw = static_cast<grad_t*>(a.grad_raw);
-  pb.rows = a.rows;
-  pb.cols = a.cols;
+  pb.rows = rows;
+  pb.cols = cols;
 
-  const GradCoefficients<acc_t> k = make_coefficients<acc_t>(a.weights, a.rows, a.cols);
-  pb.k_mse = AVec(k.mse);
-  pb.k_perceptual = AVec(k.perceptual);
+  // The flat path needs rows laid out one after another, a step that spans
+  // at most two rows, and every gradient it writes allocated.
+  const auto packed = [&](const void* x, int64_t stride) { return !x || rows == 1 || stride == cols; };
+  const int64_t period = std::lcm(cols, kStep);
+  const bool flat = packed(a.pred, a.pred_stride) && packed(a.target, a.target_stride) &&
+                    packed(a.prev, a.prev_stride) && packed(a.raw, a.raw_stride) &&
+                    cols >= kStep && period <= kMaxFlatPeriod &&
+                    (!V::kGrads || (a.grad_pred && (!V::kHasRaw || a.grad_raw)));
+
+  const GradCoefficients<acc_t> k = make_coefficients<acc_t>(a.weights, rows, cols);
   pb.k_l1 = AVec(k.l1);
   pb.k_smoothing = AVec(k.smoothing);
+  a.mask_sum = (V::kHasPrev && pb.mask) ? sum_mask(pb.mask, rows) : static_cast<double>(rows);
+  pb.k_temporal = AVec(static_cast<acc_t>(static_cast<double>(k.temporal) / temporal_denominator(a.mask_sum)));
 
-  a.mask_sum = (kHasPrev && pb.mask) ? sum_mask(pb.mask, a.rows) : static_cast<double>(a.rows);
-  pb.temporal_row_scale = static_cast<acc_t>(
-      static_cast<double>(k.temporal) / temporal_denominator(a.mask_sum));
-  pb.temporal_grad = kHasPrev && a.weights[kTemporal] > 0.0;
+  // kd and kd_keep, per column or per position in the period.
+  const int64_t positions = flat ? period : cols;
+  ScratchBuffer<acc_t, 512> kd(V::kGrads ? 2 * positions : 0);
+  if constexpr (V::kGrads) {
+    for (int64_t i = 0, c = 0; i < positions; ++i, c = c + 1 == cols ? 0 : c + 1) {
+      kd[i] = difference_coefficient(pb.column_weights[c], k.mse, k.perceptual);
+      const Bits<acc_t> keep = kd[i] != acc_t(0) ? ~Bits<acc_t>(0) : Bits<acc_t>(0);
+      std::memcpy(&kd[positions + i], &keep, sizeof(acc_t));
+    }
+  }
+  pb.kd = kd.data();
+  pb.kd_keep = kd.data() + positions;
+
+  // Outputs that were not requested go to a scratch row (row path only).
+  const bool need_scratch = V::kGrads && !flat && (!a.grad_pred || (V::kHasRaw && !a.grad_raw));
+  ScratchBuffer<grad_t, 128> scratch(need_scratch ? cols : 0);
+  pb.grad_pred = a.grad_pred ? static_cast<grad_t*>(a.grad_pred) : scratch.data();
+  pb.grad_pred_stride = a.grad_pred ? cols : 0;
+  pb.grad_raw = a.grad_raw ? static_cast<grad_t*>(a.grad_raw) : scratch.data();
+  pb.grad_raw_stride = a.grad_raw ? cols : 0;
+  pb.grad_target = static_cast<grad_t*>(a.grad_target);
 
   alignas(64) acc_t lanes[kStep];
-  const int64_t full_end = a.cols - a.cols % kStep;
-  for (int64_t i = 0; i < kStep; ++i) lanes[i] = (a.cols - kStep + i) >= full_end ? 1 : 0;
+  const int64_t full_end = cols - cols % kStep;
+  for (int64_t i = 0; i < kStep; ++i) lanes[i] = (cols - kStep + i) >= full_end ? 1 : 0;
   for (int j = 0; j < IO::kParts; ++j) {
     pb.tail_lanes[j] = AVec::loadu(lanes + j * AVec::size()) != AVec(acc_t(0));
   }
 
-  const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElements / a.cols);
-  const int64_t chunks = (a.rows + rows_per_chunk - 1) / rows_per_chunk;
-  const int64_t chunk_grain =
-      std::max<int64_t>(1, kMinElementsPerThread / (rows_per_chunk * a.cols));
+  pb.period = period;
+  const bool flat_mask = flat && V::kMask;
+  ScratchBuffer<int64_t, 64> first_row(flat_mask ? period / kStep : 0);
+  ScratchBuffer<acc_t, 512> second_row(flat_mask ? period : 0);
+  if (flat_mask) {
+    for (int64_t o = 0; o < period; ++o) {
+      const int64_t first = (o / kStep) * kStep / cols;
+      first_row[o / kStep] = first;
+      const Bits<acc_t> next = o / cols > first ? ~Bits<acc_t>(0) : Bits<acc_t>(0);
+      std::memcpy(&second_row[o], &next, sizeof(acc_t));
+    }
+  }
+  pb.first_row = first_row.data();
+  pb.second_row = second_row.data();
+
+  // Slots of the d^2 sums: one per position of the period (flat path), or
+  // kStep per step of a row (row path; the overlapping last step's lanes are
+  // columns cols-kStep+lane).
+  const int64_t row_slots = (cols + kStep - 1) / kStep * kStep;
+  pb.slots = flat ? period : row_slots;
+  ScratchBuffer<acc_t, kMaxFlatPeriod> slot_weight(pb.slots);
+  for (int64_t i = 0, c = 0; i < pb.slots; ++i, c = c + 1 == cols ? 0 : c + 1) {
+    if (flat) {
+      slot_weight[i] = pb.column_weights[c];
+    } else {
+      const bool tail = cols % kStep != 0 && cols >= kStep && i >= row_slots - kStep;
+      const int64_t col = tail ? cols - kStep + (i - (row_slots - kStep)) : i;
+      slot_weight[i] = col < cols ? pb.column_weights[col] : acc_t(0);
+    }
+  }
+  pb.slot_weight = slot_weight.data();
+
+  // Chunks: whole rows (row path) or whole periods (flat path) of about
+  // kChunkElements elements, a fixed partition whatever the thread count.
+  const int64_t unit = flat ? period : cols;  // elements per row or per period
+  const int64_t units = flat ? (rows * cols + period - 1) / period : rows;
+  const int64_t units_per_chunk = std::max<int64_t>(1, kChunkElements / unit);
+  const int64_t chunks = (units + units_per_chunk - 1) / units_per_chunk;
+  const int64_t chunk_grain = std::max<int64_t>(1, kMinElementsPerThread / (units_per_chunk * unit));
+  const auto run_chunk = [&](int64_t ch) {
+    const int64_t u0 = ch * units_per_chunk, u1 = std::min(units, u0 + units_per_chunk);
+    return flat ? run_flat<scalar_t, V>(pb, u0 * period, std::min(rows * cols, u1 * period))
+                : run_rows<scalar_t, V>(pb, u0, u1);
+  };
   ChunkSums sums{};
   if (chunks == 1) {
-    sums = run_rows<scalar_t, kHasPrev, kHasRaw>(pb, 0, a.rows);
+    sums = run_chunk(0);
   } else {
     std::vector<ChunkSums> partial(chunks);
     at::parallel_for(0, chunks, chunk_grain, [&](int64_t begin, int64_t end) {
-      for (int64_t ch = begin; ch < end; ++ch) {
-        const int64_t r0 = ch * rows_per_chunk;
-        partial[ch] = run_rows<scalar_t, kHasPrev, kHasRaw>(pb, r0, std::min(a.rows, r0 + rows_per_chunk));
-      }
+      for (int64_t ch = begin; ch < end; ++ch) partial[ch] = run_chunk(ch);
     });
     for (const ChunkSums& p : partial) {  // fixed order: independent of the thread count
       for (int i = 0; i < kNumTerms; ++i) sums[i] += p[i];
@@ -322,12 +573,28 @@ void forward_typed(ForwardArgs& a) {
   for (int i = 0; i < kNumTerms; ++i) a.sums[i] = sums[i];
 }
 
+template <typename scalar_t, bool kPrev, bool kMask, bool kGrads, bool kTemporalGrad>
+void forward_with_raw(ForwardArgs& a) {
+  if (a.raw) forward_typed<scalar_t, Variant<kPrev, true, kMask, kGrads, kTemporalGrad>>(a);
+  else forward_typed<scalar_t, Variant<kPrev, false, kMask, kGrads, kTemporalGrad>>(a);
+}
+
+template <typename scalar_t, bool kGrads, bool kTemporalGrad>
+void forward_with_prev(ForwardArgs& a) {
+  if (!a.prev) {
+    if constexpr (!kTemporalGrad) forward_with_raw<scalar_t, false, false, kGrads, false>(a);
+  } else if (a.mask) {
+    forward_with_raw<scalar_t, true, true, kGrads, kTemporalGrad>(a);
+  } else {
+    forward_with_raw<scalar_t, true, false, kGrads, kTemporalGrad>(a);
+  }
+}
+
 template <typename scalar_t>
 void forward_with_inputs(ForwardArgs& a) {
-  if (a.prev && a.raw) forward_typed<scalar_t, true, true>(a);
-  else if (a.prev) forward_typed<scalar_t, true, false>(a);
-  else if (a.raw) forward_typed<scalar_t, false, true>(a);
-  else forward_typed<scalar_t, false, false>(a);
+  if (!(a.grad_pred || a.grad_target || a.grad_raw)) forward_with_prev<scalar_t, false, false>(a);
+  else if (a.prev && a.weights[kTemporal] > 0.0) forward_with_prev<scalar_t, true, true>(a);
+  else forward_with_prev<scalar_t, true, false>(a);
 }
 
 // Backward: out = saved * grad_output, saved in grad_storage_t<scalar_t>,

@@ -98,8 +98,9 @@ KF_HD V smoothing_gradient(V s, V smoothing_coef) {
   return Lanes<V>::scaled_sign(s, smoothing_coef);
 }
 
-// Running sums of one block of elements. `temporal` gathers sum_c e^2 of the
-// current row; the caller folds it into the row-weighted sum with m_r.
+// Running sums of one block of elements (the CUDA kernel; the CPU kernel sums
+// d^2 per column instead, see cpu_loss_kernel.h). `temporal` gathers sum_c e^2
+// of the current row; the caller folds it into the row-weighted sum with m_r.
 template <class V>
 struct LaneSums {
   V sq;          // sum d^2

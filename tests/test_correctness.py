@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import koemorph_fused as kf
-from helpers import DEVICES, DTYPES, assert_matches_reference, rand, run
+from helpers import DEVICES, DTYPES, TOL, assert_matches_reference, rand, run
 
 ROWS = [1, 2, 4, 33, 1000, 4099]
 COLS = [1, 7, 52, 300]
@@ -244,3 +244,53 @@ def test_random_grad_output_scales_gradients():
     _, _, g1 = run(kf.temporal_loss, pred, target, grad_output=1.0)
     _, _, g2 = run(kf.temporal_loss, pred, target, grad_output=-3.25)
     torch.testing.assert_close(g2["pred"], -3.25 * g1["pred"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,cols", [(2, 8), (5, 13), (333, 13), (97, 52), (3, 127), (200, 127)])
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
+@pytest.mark.parametrize("grads", ["pred-raw", "pred-target", "pred-only"])
+def test_flat_and_row_paths_agree(dtype, rows, cols, masked, grads):
+    """The CPU kernel reads contiguous inputs as one flat array (the column
+    pattern repeating every lcm(C, vector width) elements) and strided ones
+    row by row. The same values in both layouts give the reference's answer:
+    odd C, steps that straddle two rows with different continuity values,
+    partial last periods, several chunks, and the gradient combinations that
+    decide which path runs (an output that is not wanted sends the kernel to
+    the row path)."""
+    g = torch.Generator().manual_seed(rows * 1000 + cols)
+    values = [rand((rows, cols), dtype, generator=g) for _ in range(4)]
+    mask = (torch.rand(rows, generator=g) > 0.3) if masked else None
+    groups = groups_for(cols)
+    want = {"pred": True, "target": grads == "pred-target", "raw": grads == "pred-raw"}
+
+    def layout(strided):
+        """Leaves (pred, target, raw) and the inputs the loss sees: the values
+        themselves, or views with row stride 2C of wider leaves."""
+        leaves, inputs = {}, []
+        for name, v in zip(("pred", "target", "prev", "raw"), values):
+            base = torch.cat([v, v], dim=1) if strided else v.clone()
+            if want.get(name):
+                base.requires_grad_()
+                leaves[name] = base
+            x = base[:, :cols] if strided else base
+            assert x.is_contiguous() != strided
+            inputs.append(x)
+        return leaves, inputs
+
+    results = []
+    for strided in (False, True):
+        for fn in (kf.temporal_loss, kf.reference.temporal_loss):
+            leaves, inputs = layout(strided)
+            out = fn(*inputs, continuity=mask, **groups)
+            out.total.backward()
+            grads_ = {k: v.grad[:, :cols] for k, v in leaves.items()}
+            results.append((out.total.detach(), out.terms.detach(), grads_))
+    tol = TOL[dtype]
+    (flat, flat_ref, row, row_ref) = results
+    for fused, ref in ((flat, flat_ref), (row, row_ref), (flat, row)):
+        torch.testing.assert_close(fused[0], ref[0], rtol=tol["values"][0], atol=tol["values"][1])
+        torch.testing.assert_close(fused[1], ref[1], rtol=tol["values"][0], atol=tol["values"][1])
+        assert fused[2].keys() == ref[2].keys() == {k for k, w in want.items() if w}
+        for name in fused[2]:
+            torch.testing.assert_close(fused[2][name], ref[2][name], rtol=tol["grads"][0], atol=tol["grads"][1])
