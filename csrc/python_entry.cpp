@@ -118,9 +118,18 @@ PyObject* python_is_unit_cpu_scalar(PyObject*, PyObject* arg) {
   HANDLE_TH_ERRORS
   if (!is_tensor(arg)) Py_RETURN_FALSE;
   const at::Tensor& t = THPVariable_Unpack(arg);
-  if (!t.is_cpu() || t.numel() != 1 || !at::isFloatingType(t.scalar_type())) Py_RETURN_FALSE;
-  // Reading a CPU value is not a device synchronisation.
-  if (t.item<double>() == 1.0) Py_RETURN_TRUE;
+  if (!t.is_cpu() || t.layout() != at::kStrided || t.numel() != 1) Py_RETURN_FALSE;
+  // Reading a CPU value is not a device synchronisation; read directly, not
+  // through aten::item (a dispatcher call, the main cost of this function).
+  double value;
+  switch (t.scalar_type()) {
+    case at::kFloat: value = *t.const_data_ptr<float>(); break;
+    case at::kDouble: value = *t.const_data_ptr<double>(); break;
+    case at::kHalf: value = static_cast<float>(*t.const_data_ptr<at::Half>()); break;
+    case at::kBFloat16: value = static_cast<float>(*t.const_data_ptr<at::BFloat16>()); break;
+    default: Py_RETURN_FALSE;
+  }
+  if (value == 1.0) Py_RETURN_TRUE;
   Py_RETURN_FALSE;
   END_HANDLE_TH_ERRORS
 }
