@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import shutil
+import sys
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent

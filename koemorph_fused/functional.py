@@ -57,7 +57,7 @@ def temporal_loss(
         >>> out = kf.temporal_loss(pred, torch.rand(4, 52))
         >>> out.total.backward()
     """
-    w = weights.as_tensor() if type(weights) is LossWeights else resolve_weights(weights).as_tensor()
+    w = resolve_weights(weights).as_tensor()
     return fused_temporal_loss(pred, target, prev, raw, continuity, w, mouth_indices, expression_indices)
 
 
