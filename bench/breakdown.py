@@ -11,7 +11,7 @@ Variants (fwdbwd: pred.grad = raw.grad = None, then forward and backward):
   bookkeeping    do-nothing Function with FusedTemporalLoss's Python bookkeeping:
                  set_materialize_grads(False), two outputs (total, terms),
                  mark_non_differentiable, save_for_backward of 3 tensors,
-                 ctx.linearization, needs_input_grad checks; backward returns
+                 ctx.info, needs_input_grad checks; backward returns
                  the saved (preallocated) gradients
   function       _ops.FusedTemporalLoss.apply on prepared arguments: the real
                  operators (forward kernel + scale_gradients) without the
@@ -62,7 +62,8 @@ def make_variants(batch: int, dtype: torch.dtype):
             terms = pred.new_zeros((5,), dtype=acc)
             ctx.save_for_backward(zp, zt, zr)
             ctx.mark_non_differentiable(terms)
-            ctx.linearization = (pred, target, continuity, column_weights, weights, prev is not None)
+            ctx.info = (pred.dtype, zp.dtype == pred.dtype, pred, target, continuity, column_weights, weights,
+                        prev is not None)
             del need
             return total, terms
 

@@ -76,6 +76,10 @@ PyMethodDef methods[] = {
      METH_FASTCALL,
      "temporal_loss_forward for plain tensors without the boxed argument parsing of torch.ops; "
      "NotImplemented for anything else."},
+    {"loss", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(koemorph_fused::python_loss)),
+     METH_FASTCALL,
+     "(total, terms) of the fused loss for plain eager tensors, with the C++ autograd node "
+     "(csrc/loss_autograd.cpp); NotImplemented for anything else."},
     {"scale", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(koemorph_fused::python_scale)),
      METH_FASTCALL,
      "scale_gradients for plain tensors; NotImplemented for anything else."},

@@ -17,6 +17,9 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <ATen/FuncTorchTLS.h>
+
+#include "loss_autograd.h"
 #include "loss_inputs.h"
 
 namespace koemorph_fused {
@@ -114,22 +117,29 @@ PyObject* python_scale(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+PyObject* python_loss(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 7 || !is_tensor(args[0]) || !is_tensor(args[1]) || !is_optional_tensor(args[2]) ||
+      !is_optional_tensor(args[3]) || !is_optional_tensor(args[4]) || !is_tensor(args[5]) ||
+      !is_tensor(args[6]) || at::functorch::functorchTLSAccessor()) {
+    // Tensor subclasses, and torch.func transforms (which support only
+    // Python autograd Functions), take the Python Function.
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  const at::Tensor& pred = THPVariable_Unpack(args[0]);
+  const auto prev = optional_tensor(args[2]);
+  const auto raw = optional_tensor(args[3]);
+  const auto continuity = optional_tensor(args[4]);
+  auto [total, terms] = temporal_loss_with_autograd(
+      pred, THPVariable_Unpack(args[1]), prev, raw, continuity, THPVariable_Unpack(args[5]),
+      THPVariable_Unpack(args[6]), pred.numel() >= kReleaseGilElements);
+  return wrap({&total, &terms});
+  END_HANDLE_TH_ERRORS
+}
+
 PyObject* python_is_unit_cpu_scalar(PyObject*, PyObject* arg) {
   HANDLE_TH_ERRORS
-  if (!is_tensor(arg)) Py_RETURN_FALSE;
-  const at::Tensor& t = THPVariable_Unpack(arg);
-  if (!t.is_cpu() || t.layout() != at::kStrided || t.numel() != 1) Py_RETURN_FALSE;
-  // Reading a CPU value is not a device synchronisation; read directly, not
-  // through aten::item (a dispatcher call, the main cost of this function).
-  double value;
-  switch (t.scalar_type()) {
-    case at::kFloat: value = *t.const_data_ptr<float>(); break;
-    case at::kDouble: value = *t.const_data_ptr<double>(); break;
-    case at::kHalf: value = static_cast<float>(*t.const_data_ptr<at::Half>()); break;
-    case at::kBFloat16: value = static_cast<float>(*t.const_data_ptr<at::BFloat16>()); break;
-    default: Py_RETURN_FALSE;
-  }
-  if (value == 1.0) Py_RETURN_TRUE;
+  if (is_tensor(arg) && is_unit_cpu_scalar(THPVariable_Unpack(arg))) Py_RETURN_TRUE;
   Py_RETURN_FALSE;
   END_HANDLE_TH_ERRORS
 }

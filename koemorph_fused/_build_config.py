@@ -36,6 +36,7 @@ CPU_SOURCES = (
     "loss_inputs.cpp",
     "cpu_buffer_pool.cpp",
     "python_entry.cpp",
+    "loss_autograd.cpp",
     "cpu_loss_kernel.cpp",
     "cpu_loss_kernel_default.cpp",
     "cpu_loss_kernel_avx2.cpp",

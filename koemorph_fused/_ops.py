@@ -10,6 +10,13 @@ Here they get their fake (meta) kernels, for torch.compile and torch.export,
 and :class:`FusedTemporalLoss`, the ``torch.autograd.Function`` that joins
 them: forward saves the gradients the kernel already computed; backward only
 scales them, reading ``grad_output`` on the device (no host synchronisation).
+
+:func:`fused_forward` chooses the autograd implementation: eager calls on
+plain tensors use the same logic in C++ (csrc/loss_autograd.cpp, a
+``torch::autograd::Function``: at small B the Python Function's own
+bookkeeping cost more than the kernel); traced calls, which dynamo must see as
+Python, and tensor subclasses use :class:`FusedTemporalLoss`.
+tests/test_autograd.py checks both.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import torch
 
 from ._loader import load_library
 from ._validation import normalize_indices
+from .terms import LossOutput
 
 library = load_library()  # registers the operators
 
@@ -27,6 +35,7 @@ _torch_forward = torch.ops.koemorph_fused.temporal_loss_forward.default
 _torch_scale = torch.ops.koemorph_fused.scale_gradients.default
 _fast_forward = library.forward
 _fast_scale = library.scale
+_fast_loss = library.loss
 _is_unit_cpu_scalar = library.is_unit_cpu_scalar
 
 
@@ -102,28 +111,31 @@ class FusedTemporalLoss(torch.autograd.Function):
             pred, target, prev, raw, continuity, column_weights, weights, need[0], need[1], need[3]
         )
         ctx.save_for_backward(grad_pred, grad_target, grad_raw)
-        ctx.dtype = pred.dtype
-        ctx.saved_are_final = grad_pred.dtype == pred.dtype  # float16 saves float32
         ctx.mark_non_differentiable(terms)
-        # Read only by a create_graph backward. Inputs, not outputs: no reference cycle.
-        ctx.linearization = (pred, target, continuity, column_weights, weights, prev is not None)
+        # One attribute (each costs about a microsecond at small B): pred's
+        # dtype, whether the saved gradients have it (float16 saves float32),
+        # and the inputs a create_graph backward linearizes around. Inputs,
+        # not outputs: no reference cycle.
+        ctx.info = (
+            pred.dtype, grad_pred.dtype == pred.dtype, pred, target, continuity, column_weights, weights, prev is not None
+        )
         return total, terms
 
     @staticmethod
     def backward(ctx, grad_total, grad_terms):
         if grad_total is None:  # total did not reach the loss being differentiated
             return None, None, None, None, None, None, None
+        grads = ctx.saved_tensors
+        info = ctx.info
         if torch.is_grad_enabled():  # backward(create_graph=True)
-            grads = _differentiable_gradients(ctx, grad_total)
-        elif ctx.saved_are_final and not torch.compiler.is_compiling() and _is_unit_cpu_scalar(grad_total):
-            # loss.backward() on the CPU: grad_output is exactly 1, so the saved
-            # gradients are the answer. Handing them over (instead of a scaled
-            # copy) saves a pass over memory; autograd steals them when the graph
-            # is freed, and copies them if it is retained (retain_graph=True),
-            # so nothing a second backward reads is ever modified.
-            grads = ctx.saved_tensors
-        else:
-            grads = scale_op(grad_total, *ctx.saved_tensors, ctx.dtype)
+            grads = _differentiable_gradients(info, grads, grad_total)
+        elif not (info[1] and not torch.compiler.is_compiling() and _is_unit_cpu_scalar(grad_total)):
+            grads = scale_op(grad_total, *grads, info[0])
+        # else: loss.backward() on the CPU. grad_output is exactly 1, so the
+        # saved gradients are the answer. Handing them over (instead of a
+        # scaled copy) saves a pass over memory; autograd steals them when the
+        # graph is freed, and copies them if it is retained (retain_graph=True),
+        # so nothing a second backward reads is ever modified.
         need = ctx.needs_input_grad
         return (
             grads[0] if need[0] else None,
@@ -136,7 +148,7 @@ class FusedTemporalLoss(torch.autograd.Function):
         )
 
 
-def _differentiable_gradients(ctx, grad_total):
+def _differentiable_gradients(info, saved, grad_total):
     """The saved gradients made differentiable, for double backward.
 
     The loss is piecewise quadratic, so its gradient is piecewise linear: away
@@ -146,8 +158,8 @@ def _differentiable_gradients(ctx, grad_total):
     exactly that Jacobian, so second derivatives are exact, without recomputing
     or saving anything in the forward pass beyond references to the inputs.
     """
-    grad_pred, grad_target, grad_raw = ctx.saved_tensors
-    pred, target, mask, colw, weights, has_prev = ctx.linearization
+    grad_pred, grad_target, grad_raw = saved
+    pred, target, mask, colw, weights, has_prev = info[2:]
     cols = pred.shape[-1]
     rows = pred.numel() // cols
     acc = colw.dtype
@@ -184,7 +196,8 @@ def _make_column_weights(
     return torch.tensor(values, dtype=dtype, device=device)
 
 
-_COLUMN_WEIGHTS: dict = {}
+_COLUMN_WEIGHTS: dict = {}  # (tuple(mouth), tuple(expression), C, dtype, device) -> tensor
+_COLUMN_WEIGHTS_BY_ID: dict = {}  # (id(mouth), id(expression), C, dtype, device) -> (mouth, expression, tensor)
 _CACHEABLE = (tuple, list, range)
 
 
@@ -194,7 +207,15 @@ def column_weights(
     """Per-column perceptual weights ``count_M(c)/|M| + count_E(c)/|E|`` (the
     kernel divides by R), in the accumulation dtype of ``dtype``, cached per
     (indices, C, dtype, device) so a training step creates no tensor for them.
-    The lookup comes first and builds nothing but its key: it runs every step."""
+
+    The lookup runs every step. Tuples of ints (the defaults, and what most
+    callers pass) cannot change, so they are found by identity, hashing no
+    index; the entry holds the tuples, so their ids stay theirs. Lists and
+    ranges are found by value."""
+    if type(mouth_indices) is tuple and type(expression_indices) is tuple:
+        hit = _COLUMN_WEIGHTS_BY_ID.get((id(mouth_indices), id(expression_indices), cols, dtype, device))
+        if hit is not None:
+            return hit[2]
     key = None
     if type(mouth_indices) in _CACHEABLE and type(expression_indices) in _CACHEABLE:
         key = (tuple(mouth_indices), tuple(expression_indices), cols, dtype, device)
@@ -203,6 +224,7 @@ def column_weights(
         except TypeError:  # an unhashable entry: normalize_indices names it below
             key = cached = None
         if cached is not None:
+            _remember_by_id(mouth_indices, expression_indices, cols, dtype, device, cached)
             return cached
     mouth = normalize_indices("mouth_indices", mouth_indices, cols)
     expression = normalize_indices("expression_indices", expression_indices, cols)
@@ -211,7 +233,22 @@ def column_weights(
         if len(_COLUMN_WEIGHTS) > 256:
             _COLUMN_WEIGHTS.clear()
         _COLUMN_WEIGHTS[key] = result
+        _remember_by_id(mouth_indices, expression_indices, cols, dtype, device, result)
     return result
+
+
+def _remember_by_id(mouth_indices, expression_indices, cols, dtype, device, result) -> None:
+    """Adds a tuples-of-ints entry to the identity cache (anything else could change)."""
+    if (
+        type(mouth_indices) is tuple
+        and type(expression_indices) is tuple
+        and all(type(i) is int for i in mouth_indices + expression_indices)
+        and not torch.compiler.is_compiling()
+    ):
+        if len(_COLUMN_WEIGHTS_BY_ID) > 256:
+            _COLUMN_WEIGHTS_BY_ID.clear()
+        key = (id(mouth_indices), id(expression_indices), cols, dtype, device)
+        _COLUMN_WEIGHTS_BY_ID[key] = (mouth_indices, expression_indices, result)
 
 
 def fused_forward(
@@ -222,11 +259,24 @@ def fused_forward(
     mask: Optional[torch.Tensor],
     colw: torch.Tensor,
     weights: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch to the autograd Function only when a gradient can be needed."""
+) -> LossOutput:
+    """The loss, differentiable when a gradient can be needed. Eager calls with
+    plain tensors use the C++ autograd node (csrc/loss_autograd.cpp); traced
+    calls and tensor subclasses use :class:`FusedTemporalLoss`."""
+    if not torch.compiler.is_compiling():
+        out = _fast_loss(pred, target, prev, raw, mask, colw, weights)
+        if out is not NotImplemented:
+            return _new_tuple(LossOutput, out)
+    return python_fused_forward(pred, target, prev, raw, mask, colw, weights)
+
+
+def python_fused_forward(pred, target, prev, raw, mask, colw, weights) -> LossOutput:
+    """:func:`fused_forward` with the Python autograd Function."""
     if torch.is_grad_enabled() and (
         pred.requires_grad or target.requires_grad or (raw is not None and raw.requires_grad)
     ):
-        return FusedTemporalLoss.apply(pred, target, prev, raw, mask, colw, weights)
-    total, terms, _, _, _ = forward_op(pred, target, prev, raw, mask, colw, weights, False, False, False)
-    return total, terms
+        return _new_tuple(LossOutput, FusedTemporalLoss.apply(pred, target, prev, raw, mask, colw, weights))
+    return _new_tuple(LossOutput, forward_op(pred, target, prev, raw, mask, colw, weights, False, False, False)[:2])
+
+
+_new_tuple = tuple.__new__  # LossOutput from a pair without NamedTuple's Python-level __new__

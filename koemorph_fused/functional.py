@@ -82,17 +82,13 @@ def fused_temporal_loss(
         and (prev is None or type(prev) is Tensor)
         and (raw is None or type(raw) is Tensor)
         and (continuity is None or continuity is True or type(continuity) is Tensor)
-        and pred.dim() >= 2
     ):
         try:
             colw = _ops.column_weights(mouth_indices, expression_indices, pred.shape[-1], pred.dtype, pred.device)
-            return LossOutput(*_ops.fused_forward(pred, target, prev, raw, _mask(continuity), colw, weight_tensor))
-        except (TypeError, ValueError, RuntimeError):
+            mask = continuity if type(continuity) is Tensor else None
+            return _ops.fused_forward(pred, target, prev, raw, mask, colw, weight_tensor)
+        except (TypeError, ValueError, IndexError, RuntimeError):
             pass  # the full validation below raises the precise error (or promotes dtypes)
     pred, target, prev, raw, mask = check_inputs(pred, target, prev, raw, continuity)
     colw = _ops.column_weights(mouth_indices, expression_indices, pred.shape[-1], pred.dtype, pred.device)
-    return LossOutput(*_ops.fused_forward(pred, target, prev, raw, mask, colw, weight_tensor))
-
-
-def _mask(continuity):
-    return continuity if type(continuity) is torch.Tensor else None
+    return _ops.fused_forward(pred, target, prev, raw, mask, colw, weight_tensor)

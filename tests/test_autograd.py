@@ -1,10 +1,34 @@
-"""gradcheck, double backward and torch.library.opcheck on the fused operator."""
+"""gradcheck, double backward and torch.library.opcheck on the fused operator.
+
+Eager calls on plain tensors differentiate through the C++ autograd node
+(csrc/loss_autograd.cpp); traced calls and tensor subclasses through the
+Python FusedTemporalLoss. The autograd tests run on both."""
 
 import pytest
 import torch
 
 import koemorph_fused as kf
 from helpers import DEVICES, rand
+
+
+@pytest.fixture(params=["cpp", "python"])
+def autograd_path(request, monkeypatch):
+    """Which autograd implementation kf.temporal_loss uses in this test."""
+    if request.param == "python":
+        monkeypatch.setattr(kf._ops, "_fast_loss", lambda *args: NotImplemented)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_autograd_path_is_the_one_asked_for(autograd_path, dtype):
+    pred = rand((4, 52), dtype).requires_grad_()
+    out = kf.temporal_loss(pred, rand((4, 52), dtype))
+    name = type(out.total.grad_fn).__name__ if autograd_path == "python" else out.total.grad_fn.name()
+    assert ("FusedTemporalLoss" in name) == (autograd_path == "python"), name
+    assert ("TemporalLossFunction" in name) == (autograd_path == "cpp"), name
+    assert not out.terms.requires_grad
+    out.total.backward()
+    assert pred.grad.dtype == dtype and pred.grad.shape == pred.shape
 
 
 def away_from_kinks(shape, device, gap=0.05):
@@ -21,7 +45,7 @@ def away_from_kinks(shape, device, gap=0.05):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("continuity", [None, "mask", False])
 @pytest.mark.parametrize("shape", [(3, 52), (2, 3, 7)])
-def test_gradcheck(device, continuity, shape):
+def test_gradcheck(device, continuity, shape, autograd_path):
     pred, target, prev, raw = away_from_kinks(shape, device)
     mask = (torch.rand(shape[:-1], device=device) > 0.4).double() if continuity == "mask" else continuity
     groups = {} if shape[-1] >= 22 else {"mouth_indices": [0, 0, -1], "expression_indices": [2]}
@@ -35,7 +59,7 @@ def test_gradcheck(device, continuity, shape):
     assert torch.autograd.gradgradcheck(fn, inputs)
 
 
-def test_double_backward_matches_reference():
+def test_double_backward_matches_reference(autograd_path):
     pred, target, prev, raw = away_from_kinks((5, 52), "cpu")
     mask = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0], dtype=torch.float64)
     v = rand((5, 52), torch.float64)
@@ -81,7 +105,7 @@ def test_opcheck_scale_gradients(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_float16_gradients_do_not_underflow_before_grad_output(device):
+def test_float16_gradients_do_not_underflow_before_grad_output(device, autograd_path):
     """With grad_output = 2**16 (a GradScaler's factor) and a large batch, the
     per-element gradients (~1e-7) are below float16's normal range; they must
     be scaled before rounding to float16, as the reference does."""
@@ -95,7 +119,7 @@ def test_float16_gradients_do_not_underflow_before_grad_output(device):
     torch.testing.assert_close(results[0], results[1], rtol=2e-3, atol=0)
 
 
-def test_backward_twice_with_retain_graph():
+def test_backward_twice_with_retain_graph(autograd_path):
     pred = rand((9, 52)).requires_grad_()
     raw = rand((9, 52)).requires_grad_()
     out = kf.temporal_loss(pred, rand((9, 52)), rand((9, 52)), raw)
@@ -107,7 +131,7 @@ def test_backward_twice_with_retain_graph():
         assert torch.equal(a, c)
 
 
-def test_terms_do_not_need_grad_and_total_unused():
+def test_terms_do_not_need_grad_and_total_unused(autograd_path):
     pred = rand((3, 52)).requires_grad_()
     out = kf.temporal_loss(pred, rand((3, 52)))
     # A loss that only uses terms (not differentiable) -> error from autograd, not a crash.

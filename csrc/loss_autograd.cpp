@@ -1,0 +1,206 @@
+// The autograd node of the fused loss for eager calls, in C++.
+//
+// koemorph_fused.temporal_loss on plain tensors comes here (through
+// python_entry.cpp's `loss`); traced calls (torch.compile, torch.export) and
+// tensor subclasses use koemorph_fused._ops.FusedTemporalLoss, the Python
+// autograd.Function that dynamo can trace. Both do the same thing: forward
+// runs temporal_loss_forward, which also computes the gradients, and saves
+// them; backward scales them by grad_output (scale_gradients), hands them
+// over unchanged when grad_output is a CPU 1, or, under create_graph, makes
+// them differentiable. tests/test_autograd.py runs its checks on both.
+//
+// Why a second implementation: at B = 4 the Python Function's bookkeeping
+// (creating its ctx, running forward and backward as Python code, output
+// wrapping) was about a fifth of a training step, more than the kernel
+// (callgrind; docs/performance.md). A C++ node does the same for a few
+// thousand instructions and runs backward without taking the GIL.
+#include "loss_autograd.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/DispatchKeySet.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include "loss_inputs.h"
+
+namespace koemorph_fused {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+const auto& forward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("koemorph_fused::temporal_loss_forward", "")
+          .typed<ForwardOutputs(const at::Tensor&, const at::Tensor&,
+                                const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                const std::optional<at::Tensor>&, const at::Tensor&,
+                                const at::Tensor&, bool, bool, bool)>();
+  return op;
+}
+
+const auto& scale_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("koemorph_fused::scale_gradients", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              at::ScalarType)>();
+  return op;
+}
+
+// The tensors that never get a gradient (prev is treated as detached), kept
+// out of the node's inputs.
+struct Constants {
+  std::optional<at::Tensor> prev, continuity;
+  at::Tensor column_weights, weights;
+  bool release_gil;
+};
+
+// The forward operator, without the GIL when asked (only around the kernel:
+// saving tensors may call Python saved-tensor hooks, which need it).
+ForwardOutputs call_forward(const at::Tensor& pred, const at::Tensor& target,
+                            const std::optional<at::Tensor>& raw, const Constants& c,
+                            bool grad_pred, bool grad_target, bool grad_raw) {
+  auto call = [&] {
+    return forward_op().call(pred, target, c.prev, raw, c.continuity, c.column_weights,
+                             c.weights, grad_pred, grad_target, grad_raw);
+  };
+  if (c.release_gil) {
+    pybind11::gil_scoped_release no_gil;
+    return call();
+  }
+  return call();
+}
+
+// Gradients of the saved gradients for backward(create_graph=True). The loss
+// is piecewise quadratic, so its gradient is piecewise linear: away from the
+// |x| = 0 kinks, d grad_pred / d pred = kd[c] + kt[r], d grad_pred / d target
+// = -kd[c], and so on. Adding H * (x - x.detach()) (zero in value) to each
+// saved gradient gives it exactly that Jacobian. The same formulas as
+// _differentiable_gradients in koemorph_fused/_ops.py.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_gradients(
+    c10::ArrayRef<c10::IValue> state, const variable_list& saved, const at::Tensor& go) {
+  const at::Tensor& pred = state[0].toTensor();
+  const at::Tensor& target = state[1].toTensor();
+  const at::Tensor& colw = state[3].toTensor();
+  const at::Tensor& weights = state[4].toTensor();
+  const bool has_prev = state[5].toBool();
+  const int64_t cols = pred.size(-1);
+  const int64_t rows = pred.numel() / cols;
+  const at::ScalarType acc = colw.scalar_type();
+  const at::Tensor w = weights.to(colw.device(), acc);  // tensor ops only: no host sync
+  const at::Tensor zero = at::zeros({}, w.options());
+  const at::Tensor kd =
+      at::where(w[0] > 0, 2.0 * w[0] / static_cast<double>(rows * cols), zero) +
+      at::where(w[2] > 0, 2.0 * w[2] / static_cast<double>(rows), zero) * colw;
+  const at::Tensor d_pred = (pred - pred.detach()).to(acc);
+  const at::Tensor d_target = (target - target.detach()).to(acc);
+  const at::Tensor lin_d = kd * (d_pred - d_target);
+  at::Tensor lin_pred = lin_d;
+  if (has_prev) {
+    const at::Tensor m = state[2].isNone()
+                             ? at::ones(pred.sizes().slice(0, pred.dim() - 1), pred.options().dtype(acc))
+                             : state[2].toTensor().to(acc);
+    const at::Tensor m_sum = m.sum();
+    const at::Tensor kt = at::where(w[3] > 0, 2.0 * w[3] / static_cast<double>(cols), zero) * m /
+                          at::where(m_sum > 0, m_sum, at::ones_like(m_sum));
+    lin_pred = lin_pred + kt.unsqueeze(-1) * d_pred;
+  }
+  auto linearized = [&](const at::Tensor& g, const at::Tensor& lin, const at::Tensor& like) {
+    return g.numel() == 0 ? at::Tensor() : (go * (g.to(acc) + lin)).to(like.scalar_type());
+  };
+  return {linearized(saved[0], lin_pred, pred), linearized(saved[1], -lin_d, target),
+          saved[2].numel() == 0 ? at::Tensor() : go * saved[2]};
+}
+
+struct TemporalLossFunction : public torch::autograd::Function<TemporalLossFunction> {
+  // Inputs of the node: pred, target and raw (edges 0, 1 and 2).
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& pred,
+                               const at::Tensor& target, const std::optional<at::Tensor>& raw,
+                               const Constants& c, bool grad_pred, bool grad_target,
+                               bool grad_raw) {
+    auto [total, terms, g_pred, g_target, g_raw] =
+        call_forward(pred, target, raw, c, grad_pred, grad_target, grad_raw);
+    ctx->set_materialize_grads(false);  // no zero tensor for the gradient of `terms`
+    ctx->save_for_backward({g_pred, g_target, g_raw});
+    ctx->mark_non_differentiable({terms});
+    // What backward and a create_graph backward read. Inputs, not outputs:
+    // no reference cycle.
+    ctx->saved_data["state"] = c10::ivalue::Tuple::create(
+        {pred, target, c.continuity ? c10::IValue(*c.continuity) : c10::IValue(), c.column_weights,
+         c.weights, c.prev.has_value()});
+    return {total, terms};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    variable_list out(7);  // one per forward argument after ctx
+    const at::Tensor& go = grad_outputs[0];
+    if (!go.defined()) return out;  // total did not reach the loss being differentiated
+    const variable_list saved = ctx->get_saved_variables();
+    const c10::ArrayRef<c10::IValue> state =
+        ctx->saved_data["state"].toTupleRef().elements().asArrayRef();
+    const at::ScalarType dtype = state[0].toTensor().scalar_type();
+    at::Tensor g_pred, g_target, g_raw;
+    if (at::GradMode::is_enabled()) {  // backward(create_graph=True)
+      std::tie(g_pred, g_target, g_raw) = differentiable_gradients(state, saved, go);
+    } else if (saved[0].scalar_type() == dtype && is_unit_cpu_scalar(go)) {
+      // loss.backward() on the CPU: grad_output is exactly 1, so the saved
+      // gradients are the answer. Handing them over (instead of a scaled
+      // copy) saves a pass over memory; autograd steals them when the graph
+      // is freed, and copies them if it is retained (retain_graph=True), so
+      // nothing a second backward reads is ever modified. (float16 saves
+      // float32 gradients, which take the scaling pass to become float16.)
+      g_pred = saved[0], g_target = saved[1], g_raw = saved[2];
+    } else {
+      std::tie(g_pred, g_target, g_raw) = scale_op().call(go, saved[0], saved[1], saved[2], dtype);
+    }
+    if (ctx->needs_input_grad(0)) out[0] = g_pred;
+    if (ctx->needs_input_grad(1)) out[1] = g_target;
+    if (saved[2].numel() != 0 && ctx->needs_input_grad(2)) out[2] = g_raw;
+    return out;
+  }
+};
+
+}  // namespace
+
+bool is_unit_cpu_scalar(const at::Tensor& t) {
+  if (!t.defined() || !t.is_cpu() || t.layout() != at::kStrided || t.numel() != 1 ||
+      t._is_zerotensor() || !t.has_storage() ||
+      t.key_set().has_any(c10::python_ks) || t.key_set().has(c10::DispatchKey::Functionalize)) {
+    return false;
+  }
+  // Reading a CPU value is not a device synchronisation; read directly, not
+  // through aten::item (a dispatcher call, the main cost of this check).
+  const void* p = t.const_data_ptr();
+  if (p == nullptr) return false;
+  switch (t.scalar_type()) {
+    case at::kFloat: return *static_cast<const float*>(p) == 1.0f;
+    case at::kDouble: return *static_cast<const double*>(p) == 1.0;
+    case at::kHalf: return static_cast<float>(*static_cast<const at::Half*>(p)) == 1.0f;
+    case at::kBFloat16: return static_cast<float>(*static_cast<const at::BFloat16*>(p)) == 1.0f;
+    default: return false;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> temporal_loss_with_autograd(
+    const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& prev,
+    const std::optional<at::Tensor>& raw, const std::optional<at::Tensor>& continuity,
+    const at::Tensor& column_weights, const at::Tensor& weights, bool release_gil) {
+  const Constants c{prev, continuity, column_weights, weights, release_gil};
+  const bool grad_mode = at::GradMode::is_enabled();
+  const bool grad_pred = grad_mode && pred.requires_grad();
+  const bool grad_target = grad_mode && target.requires_grad();
+  const bool grad_raw = grad_mode && raw.has_value() && raw->requires_grad();
+  if (!(grad_pred || grad_target || grad_raw)) {
+    auto outs = call_forward(pred, target, raw, c, false, false, false);
+    return {std::get<0>(outs), std::get<1>(outs)};
+  }
+  variable_list outs =
+      TemporalLossFunction::apply(pred, target, raw, c, grad_pred, grad_target, grad_raw);
+  return {outs[0], outs[1]};
+}
+
+}  // namespace koemorph_fused
