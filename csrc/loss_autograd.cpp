@@ -11,45 +11,24 @@
 //
 // Why a second implementation: at B = 4 the Python Function's bookkeeping
 // (creating its ctx, running forward and backward as Python code, output
-// wrapping) was about a fifth of a training step, more than the kernel
-// (callgrind; docs/performance.md). A C++ node does the same for a few
-// thousand instructions and runs backward without taking the GIL.
+// wrapping) cost more than the operator itself (callgrind;
+// docs/performance.md). The C++ node took about 25 K of 226 K instructions
+// off a training step there, and runs backward without taking the GIL.
 #include "loss_autograd.h"
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/DispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include "loss_inputs.h"
+#include "operator_handles.h"
 
 namespace koemorph_fused {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-const auto& forward_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("koemorph_fused::temporal_loss_forward", "")
-          .typed<ForwardOutputs(const at::Tensor&, const at::Tensor&,
-                                const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                const std::optional<at::Tensor>&, const at::Tensor&,
-                                const at::Tensor&, bool, bool, bool)>();
-  return op;
-}
-
-const auto& scale_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("koemorph_fused::scale_gradients", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              at::ScalarType)>();
-  return op;
-}
 
 // The tensors that never get a gradient (prev is treated as detached), kept
 // out of the node's inputs.
@@ -65,8 +44,8 @@ ForwardOutputs call_forward(const at::Tensor& pred, const at::Tensor& target,
                             const std::optional<at::Tensor>& raw, const Constants& c,
                             bool grad_pred, bool grad_target, bool grad_raw) {
   auto call = [&] {
-    return forward_op().call(pred, target, c.prev, raw, c.continuity, c.column_weights,
-                             c.weights, grad_pred, grad_target, grad_raw);
+    return forward_operator().call(pred, target, c.prev, raw, c.continuity, c.column_weights,
+                                   c.weights, grad_pred, grad_target, grad_raw);
   };
   if (c.release_gil) {
     pybind11::gil_scoped_release no_gil;
@@ -101,9 +80,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_gradients(
   const at::Tensor lin_d = kd * (d_pred - d_target);
   at::Tensor lin_pred = lin_d;
   if (has_prev) {
-    const at::Tensor m = state[2].isNone()
-                             ? at::ones(pred.sizes().slice(0, pred.dim() - 1), pred.options().dtype(acc))
-                             : state[2].toTensor().to(acc);
+    const auto rows_shape = pred.sizes().slice(0, pred.dim() - 1);
+    const at::Tensor m = state[2].isNone() ? at::ones(rows_shape, pred.options().dtype(acc))
+                                           : state[2].toTensor().to(acc);
     const at::Tensor m_sum = m.sum();
     const at::Tensor kt = at::where(w[3] > 0, 2.0 * w[3] / static_cast<double>(cols), zero) * m /
                           at::where(m_sum > 0, m_sum, at::ones_like(m_sum));
@@ -155,7 +134,8 @@ struct TemporalLossFunction : public torch::autograd::Function<TemporalLossFunct
       // float32 gradients, which take the scaling pass to become float16.)
       g_pred = saved[0], g_target = saved[1], g_raw = saved[2];
     } else {
-      std::tie(g_pred, g_target, g_raw) = scale_op().call(go, saved[0], saved[1], saved[2], dtype);
+      std::tie(g_pred, g_target, g_raw) =
+          scale_operator().call(go, saved[0], saved[1], saved[2], dtype);
     }
     if (ctx->needs_input_grad(0)) out[0] = g_pred;
     if (ctx->needs_input_grad(1)) out[1] = g_target;

@@ -11,16 +11,15 @@
 // __torch_function__).
 #include "python_entry.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/FuncTorchTLS.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
-#include <ATen/FuncTorchTLS.h>
-
 #include "loss_autograd.h"
 #include "loss_inputs.h"
+#include "operator_handles.h"
 
 namespace koemorph_fused {
 namespace {
@@ -71,13 +70,7 @@ PyObject* python_forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       !PyBool_Check(args[9])) {
     Py_RETURN_NOTIMPLEMENTED;
   }
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("koemorph_fused::temporal_loss_forward", "")
-          .typed<ForwardOutputs(const at::Tensor&, const at::Tensor&,
-                                const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                const std::optional<at::Tensor>&, const at::Tensor&,
-                                const at::Tensor&, bool, bool, bool)>();
+  const auto& op = forward_operator();
   const at::Tensor& pred = THPVariable_Unpack(args[0]);
   const auto prev = optional_tensor(args[2]);
   const auto raw = optional_tensor(args[3]);
@@ -99,12 +92,7 @@ PyObject* python_scale(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       !is_tensor(args[3]) || !THPDtype_Check(args[4])) {
     Py_RETURN_NOTIMPLEMENTED;
   }
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("koemorph_fused::scale_gradients", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              at::ScalarType)>();
+  const auto& op = scale_operator();
   const at::Tensor& grad_pred = THPVariable_Unpack(args[1]);
   const at::ScalarType dtype = reinterpret_cast<THPDtype*>(args[4])->scalar_type;
   auto call = [&] {

@@ -140,3 +140,25 @@ def test_terms_do_not_need_grad_and_total_unused(autograd_path):
     # total participates through another path with zero weight
     (out.total * 0.0).backward()
     assert torch.count_nonzero(pred.grad) == 0
+
+
+def test_saved_tensor_hooks_apply_to_the_saved_gradients(autograd_path):
+    """Saved-tensor hooks (offloading, checkpointing) see the saved gradients.
+    At this size the C++ node runs the kernel without the GIL; the Python
+    hooks run after it, with the GIL."""
+    rows = 2048  # 2048 * 52 elements: above the size that releases the GIL
+    pred, raw = rand((rows, 52)).requires_grad_(), rand((rows, 52)).requires_grad_()
+    target, prev = rand((rows, 52)), rand((rows, 52))
+    packed = []
+
+    def pack(t):
+        packed.append(tuple(t.shape))
+        return t.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = kf.temporal_loss(pred, target, prev, raw)
+    assert packed.count((rows, 52)) == 2  # grad_pred and grad_raw
+    got = torch.autograd.grad(out.total, (pred, raw))
+    want = torch.autograd.grad(kf.reference.temporal_loss(pred, target, prev, raw).total, (pred, raw))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

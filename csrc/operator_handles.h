@@ -1,0 +1,40 @@
+// Typed dispatcher handles of the two operators (csrc/ops.cpp), for C++
+// callers: calls through them run every dispatch key (autograd, fake
+// tensors, dispatch modes, CPU/CUDA) as torch.ops does, without boxing.
+#pragma once
+
+#include <optional>
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include "loss_inputs.h"
+
+namespace koemorph_fused {
+
+using ForwardSignature = ForwardOutputs(const at::Tensor&, const at::Tensor&,
+                                        const std::optional<at::Tensor>&,
+                                        const std::optional<at::Tensor>&,
+                                        const std::optional<at::Tensor>&, const at::Tensor&,
+                                        const at::Tensor&, bool, bool, bool);
+using ScaleSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType);
+
+// koemorph_fused::temporal_loss_forward, looked up once.
+inline const c10::TypedOperatorHandle<ForwardSignature>& forward_operator() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("koemorph_fused::temporal_loss_forward", "")
+                             .typed<ForwardSignature>();
+  return op;
+}
+
+// koemorph_fused::scale_gradients, looked up once.
+inline const c10::TypedOperatorHandle<ScaleSignature>& scale_operator() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("koemorph_fused::scale_gradients", "")
+                             .typed<ScaleSignature>();
+  return op;
+}
+
+}  // namespace koemorph_fused
