@@ -11,11 +11,14 @@ Variants (fwdbwd: pred.grad = raw.grad = None, then forward and backward):
   bookkeeping    do-nothing Function with FusedTemporalLoss's Python bookkeeping:
                  set_materialize_grads(False), two outputs (total, terms),
                  mark_non_differentiable, save_for_backward of 3 tensors,
-                 ctx.info, needs_input_grad checks; backward returns
+                 ctx.inputs, needs_input_grad checks; backward returns
                  the saved (preallocated) gradients
-  function       _ops.FusedTemporalLoss.apply on prepared arguments: the real
-                 operators (forward kernel + scale_gradients) without the
-                 argument checks of temporal_loss
+  function       _ops.FusedTemporalLoss.apply on prepared arguments: the Python
+                 autograd Function of traced calls, with the real operators
+                 (forward kernel + scale_gradients), without the argument
+                 checks of temporal_loss
+  node           _ops._fast_loss on prepared arguments: the C++ autograd node
+                 that eager calls use (csrc/loss_autograd.cpp), without the checks
   fused          kf.temporal_loss (checks, column weights, LossOutput) = the bench's fused
 
 and forward-only pieces (under no_grad):
@@ -62,8 +65,7 @@ def make_variants(batch: int, dtype: torch.dtype):
             terms = pred.new_zeros((5,), dtype=acc)
             ctx.save_for_backward(zp, zt, zr)
             ctx.mark_non_differentiable(terms)
-            ctx.info = (pred.dtype, zp.dtype == pred.dtype, pred, target, continuity, column_weights, weights,
-                        prev is not None)
+            ctx.inputs = (pred, target, continuity, column_weights, weights, prev is not None)
             del need
             return total, terms
 
@@ -95,6 +97,7 @@ def make_variants(batch: int, dtype: torch.dtype):
         "floor": step(lambda: floor.apply(pred, target, prev, raw)),
         "bookkeeping": step(lambda: Bookkeeping.apply(pred, target, prev, raw, None, colw, w)[0]),
         "function": step(lambda: _ops.FusedTemporalLoss.apply(pred, target, prev, raw, None, colw, w)[0]),
+        "node": step(lambda: _ops._fast_loss(pred, target, prev, raw, None, colw, w)[0]),
         "fused": step(lambda: kf.temporal_loss(pred, target, prev, raw).total),
     }
     nograd = {

@@ -11,7 +11,7 @@
 // __torch_function__).
 #include "python_entry.h"
 
-#include <ATen/FuncTorchTLS.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -33,6 +33,14 @@ bool is_optional_tensor(PyObject* o) { return o == Py_None || is_tensor(o); }
 std::optional<at::Tensor> optional_tensor(PyObject* o) {
   if (o == Py_None) return std::nullopt;
   return THPVariable_Unpack(o);
+}
+
+// Whether a torch.func transform (vmap, grad, ...) is active. Its thread-local
+// state outlives the first transform (torch.compile's tracing creates it too),
+// so that it exists says nothing; torch.func includes its front-mode dispatch
+// key exactly while its layer stack is not empty.
+bool functorch_transform_active() {
+  return c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
 }
 
 // Runs f, without the GIL when the inputs are large.
@@ -109,7 +117,7 @@ PyObject* python_loss(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (nargs != 7 || !is_tensor(args[0]) || !is_tensor(args[1]) || !is_optional_tensor(args[2]) ||
       !is_optional_tensor(args[3]) || !is_optional_tensor(args[4]) || !is_tensor(args[5]) ||
-      !is_tensor(args[6]) || at::functorch::functorchTLSAccessor()) {
+      !is_tensor(args[6]) || functorch_transform_active()) {
     // Tensor subclasses, and torch.func transforms (which support only
     // Python autograd Functions), take the Python Function.
     Py_RETURN_NOTIMPLEMENTED;

@@ -113,12 +113,9 @@ class FusedTemporalLoss(torch.autograd.Function):
         )
         ctx.save_for_backward(grad_pred, grad_target, grad_raw)
         ctx.mark_non_differentiable(terms)
-        # One attribute (each costs about 1 K instructions): pred's dtype,
-        # whether the saved gradients have it (float16 saves float32), and the
-        # inputs a create_graph backward linearizes around. Inputs, not
-        # outputs: no reference cycle.
-        final = grad_pred.dtype == pred.dtype
-        ctx.info = (pred.dtype, final, pred, target, continuity, column_weights, weights, prev is not None)
+        # Read by backward (pred's dtype) and by a create_graph backward (what
+        # it linearizes around). Inputs, not outputs: no reference cycle.
+        ctx.inputs = (pred, target, continuity, column_weights, weights, prev is not None)
         return total, terms
 
     @staticmethod
@@ -126,11 +123,15 @@ class FusedTemporalLoss(torch.autograd.Function):
         if grad_total is None:  # total did not reach the loss being differentiated
             return None, None, None, None, None, None, None
         grads = ctx.saved_tensors
-        info = ctx.info
+        dtype = ctx.inputs[0].dtype
         if torch.is_grad_enabled():  # backward(create_graph=True)
-            grads = _differentiable_gradients(info, grads, grad_total)
-        elif not (info[1] and not torch.compiler.is_compiling() and _is_unit_cpu_scalar(grad_total)):
-            grads = scale_op(grad_total, *grads, info[0])
+            grads = _differentiable_gradients(ctx.inputs, grads, grad_total)
+        elif not (
+            grads[0].dtype == dtype  # float16 saves float32 gradients: they take the scaling pass
+            and not torch.compiler.is_compiling()
+            and _is_unit_cpu_scalar(grad_total)
+        ):
+            grads = scale_op(grad_total, *grads, dtype)
         # else: loss.backward() on the CPU. grad_output is exactly 1, so the
         # saved gradients are the answer. Handing them over (instead of a
         # scaled copy) saves a pass over memory; autograd steals them when the
@@ -148,7 +149,7 @@ class FusedTemporalLoss(torch.autograd.Function):
         )
 
 
-def _differentiable_gradients(info, saved, grad_total):
+def _differentiable_gradients(inputs, saved, grad_total):
     """The saved gradients made differentiable, for double backward.
 
     The loss is piecewise quadratic, so its gradient is piecewise linear: away
@@ -159,7 +160,7 @@ def _differentiable_gradients(info, saved, grad_total):
     or saving anything in the forward pass beyond references to the inputs.
     """
     grad_pred, grad_target, grad_raw = saved
-    pred, target, mask, colw, weights, has_prev = info[2:]
+    pred, target, mask, colw, weights, has_prev = inputs
     cols = pred.shape[-1]
     rows = pred.numel() // cols
     acc = colw.dtype

@@ -113,3 +113,14 @@ def test_export_forward():
     for n in (5, 8, 40):
         args = batch(n)
         torch.testing.assert_close(ep.module()(*args), model(*args))
+
+
+def test_eager_calls_keep_the_cpp_node_after_a_compiled_step(trace_backward):
+    """Tracing creates torch.func's thread-local state, which then outlives
+    it; only an active transform may send eager calls to the Python Function."""
+    model = TinyModel()
+    compiled = torch.compile(train_step(model), fullgraph=True, backend="aot_eager")
+    compiled(*batch(4))
+    pred = rand((4, 52)).requires_grad_()
+    out = kf.temporal_loss(pred, rand((4, 52)))
+    assert "TemporalLossFunction" in out.total.grad_fn.name(), out.total.grad_fn.name()

@@ -217,9 +217,13 @@ def test_module_matches_reference_module():
 
 
 def test_no_grad_path_allocates_no_gradients(monkeypatch):
-    """Under no_grad (or with no input requiring grad) the operator is asked for no gradient buffers."""
+    """Under no_grad (or with no input requiring grad) the operator is asked for
+    no gradient buffers. Watched on the Python path (the operator call is
+    visible there); test_cpp_node_allocates_only_wanted_gradients covers the
+    C++ node of eager calls."""
     from koemorph_fused import _ops
 
+    monkeypatch.setattr(_ops, "_fast_loss", lambda *args: NotImplemented)
     seen = []
     real = _ops.forward_op
 
@@ -237,6 +241,28 @@ def test_no_grad_path_allocates_no_gradients(monkeypatch):
     assert seen == [(False, False, False), (0, 0, 0)] * 2
     kf.temporal_loss(pred, rand((64, 52)), None, rand((64, 52)))  # only pred needs one
     assert seen[-2] == (True, False, False) and seen[-1] == (64 * 52, 0, 0)
+
+
+def test_cpp_node_allocates_only_wanted_gradients():
+    """The same on the C++ node, through the gradient buffer pool: at this size
+    every gradient buffer is a pool buffer, so the pool counts them."""
+    lib = kf._ops.library
+    rows = 1024  # 1024 * 52 * 4 bytes >= the pool's 64 KiB minimum
+    pred = rand((rows, 52)).requires_grad_()
+    target, prev, raw = rand((rows, 52)), rand((rows, 52)), rand((rows, 52))
+
+    def pool_allocations(fn):
+        before = lib.cpu_buffer_pool_stats()
+        fn()
+        after = lib.cpu_buffer_pool_stats()
+        return (after["hits"] + after["misses"]) - (before["hits"] + before["misses"])
+
+    with torch.no_grad():
+        assert pool_allocations(lambda: kf.temporal_loss(pred, target, prev, raw)) == 0
+    assert pool_allocations(lambda: kf.temporal_loss(pred.detach(), target, prev, raw)) == 0
+    out = []
+    assert pool_allocations(lambda: out.append(kf.temporal_loss(pred, target, None, raw))) == 1  # grad_pred only
+    assert "TemporalLossFunction" in out[0].total.grad_fn.name()
 
 
 def test_random_grad_output_scales_gradients():
