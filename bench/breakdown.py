@@ -14,16 +14,18 @@ Variants (fwdbwd: pred.grad = raw.grad = None, then forward and backward):
                  ctx.inputs, needs_input_grad checks; backward returns
                  the saved (preallocated) gradients
   function       _ops.FusedTemporalLoss.apply on prepared arguments: the Python
-                 autograd Function of traced calls, with the real operators
-                 (forward kernel + scale_gradients), without the argument
-                 checks of temporal_loss
+                 autograd Function of traced calls and transforms, with the
+                 real forward operator (its backward scales with plain torch
+                 ops), without the argument checks of temporal_loss
   node           _ops._fast_loss on prepared arguments: the C++ autograd node
                  that eager calls use (csrc/loss_autograd.cpp), without the checks
   fused          kf.temporal_loss (checks, column weights, LossOutput) = the bench's fused
 
 and forward-only pieces (under no_grad):
 
-  checks         _validation.check_inputs + resolve_weights + column_weights
+  checks         resolve_weights + check_inputs + check_weight_tensor +
+                 normalize_indices (twice) + column_weights: the validation
+                 every call runs
   op_overload    torch.ops.koemorph_fused.temporal_loss_forward.default(...), no grads
   op_grads       the same, computing grad_pred and grad_raw
   scale_op       torch.ops.koemorph_fused.scale_gradients.default(...)
@@ -43,7 +45,7 @@ import torch
 
 import koemorph_fused as kf
 from koemorph_fused import _ops, benchmark as bm
-from koemorph_fused._validation import check_inputs
+from koemorph_fused._validation import check_inputs, check_weight_tensor, normalize_indices
 from koemorph_fused.weights import DEFAULT, resolve_weights
 
 
@@ -96,14 +98,17 @@ def make_variants(batch: int, dtype: torch.dtype):
         "floor_none": step(lambda: floor_none.apply(pred, target, prev, raw)),
         "floor": step(lambda: floor.apply(pred, target, prev, raw)),
         "bookkeeping": step(lambda: Bookkeeping.apply(pred, target, prev, raw, None, colw, w)[0]),
-        "function": step(lambda: _ops.FusedTemporalLoss.apply(pred, target, prev, raw, None, colw, w)[0]),
+        "function": step(lambda: _ops.FusedTemporalLoss.apply(pred, target, prev, raw, None, colw, w,
+                                                              True, False, True)[0]),
         "node": step(lambda: _ops._fast_loss(pred, target, prev, raw, None, colw, w)[0]),
         "fused": step(lambda: kf.temporal_loss(pred, target, prev, raw).total),
     }
     nograd = {
-        "checks": lambda: (resolve_weights(DEFAULT).as_tensor(),
+        "checks": lambda: (check_weight_tensor(resolve_weights(DEFAULT).as_tensor(), pred, mutable=False),
                            check_inputs(pred, target, prev, raw, None),
-                           _ops.column_weights(kf.MOUTH_INDICES, kf.EXPRESSION_INDICES, 52, pred.dtype, pred.device)),
+                           _ops.column_weights(normalize_indices("mouth_indices", kf.MOUTH_INDICES, 52),
+                                               normalize_indices("expression_indices", kf.EXPRESSION_INDICES, 52),
+                                               52, pred.dtype, pred.device)),
         "op_overload": lambda: _ops.forward_op(pred, target, prev, raw, None, colw, w, False, False, False),
         "op_grads": lambda: _ops.forward_op(pred, target, prev, raw, None, colw, w, True, False, True),
         "scale_op": lambda: _ops.scale_op(one, gp, gt, gr, pred.dtype),

@@ -7,26 +7,29 @@
   times ``grad_output``.
 
 Here they get their fake (meta) kernels, for torch.compile and torch.export,
-and :class:`FusedTemporalLoss`, the ``torch.autograd.Function`` that joins
-them: forward saves the gradients the kernel already computed; backward only
-scales them, reading ``grad_output`` on the device (no host synchronisation).
+a vmap rule, and :class:`FusedTemporalLoss`, the ``torch.autograd.Function``
+that joins them: forward saves the gradients the kernel already computed;
+backward only scales them, reading ``grad_output`` on the device (no host
+synchronisation); its ``jvp`` gives forward-mode AD from the same gradients.
 
 :func:`fused_forward` chooses the autograd implementation: eager calls on
 plain tensors use the same logic in C++ (csrc/loss_autograd.cpp, a
 ``torch::autograd::Function``: at small B the Python Function's own
 bookkeeping cost more than the kernel); traced calls, which dynamo must see as
-Python, and tensor subclasses use :class:`FusedTemporalLoss`.
-tests/test_autograd.py checks both.
+Python, tensor subclasses, forward-mode AD and torch.func transforms use
+:class:`FusedTemporalLoss`. tests/test_autograd.py and tests/test_transforms.py
+check both.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
+import torch.autograd.forward_ad as _forward_ad
+
 from ._loader import load_library
-from ._validation import normalize_indices
 from .terms import LossOutput
 
 library = load_library()  # registers the operators
@@ -36,7 +39,6 @@ _torch_scale = torch.ops.koemorph_fused.scale_gradients.default
 _fast_forward = library.forward
 _fast_scale = library.scale
 _fast_loss = library.loss
-_is_unit_cpu_scalar = library.is_unit_cpu_scalar
 _new_tuple = tuple.__new__  # LossOutput from a pair without NamedTuple's Python-level __new__
 
 
@@ -96,57 +98,88 @@ def _scale_gradients_fake(grad_output, grad_pred, grad_target, grad_raw, dtype):
     return tuple(torch.empty_like(g, dtype=dtype) for g in (grad_pred, grad_target, grad_raw))
 
 
+
+def _forward_vmap(info, in_dims, pred, target, prev, raw, continuity, colw, weights, grad_pred, grad_target, grad_raw):
+    """vmap rule of ``temporal_loss_forward``: the operator once per mapped
+    slice, the results stacked. Each slice is an independent loss (its own
+    rows, means and continuity sum), as a Python loop over the reference would
+    give (per-sample gradients, ``vmap(grad(...))``)."""
+    tensors = (pred, target, prev, raw, continuity, colw, weights)
+    outs = []
+    for i in range(info.batch_size):
+        args = [x if d is None or x is None else x.select(d, i) for x, d in zip(tensors, in_dims[:7])]
+        outs.append(_torch_forward(*args, grad_pred, grad_target, grad_raw))
+    return tuple(torch.stack(column) for column in zip(*outs)), (0, 0, 0, 0, 0)
+
+
+if hasattr(torch.library, "register_vmap"):  # torch >= 2.5
+    torch.library.register_vmap("koemorph_fused::temporal_loss_forward", _forward_vmap)
+
+
 class FusedTemporalLoss(torch.autograd.Function):
-    """``(total, terms)`` of the fused loss; differentiable in pred, target and raw.
+    """``(total, terms, grad_pred, grad_target, grad_raw)`` of the fused loss;
+    ``total`` is differentiable in pred, target and raw, in reverse and in
+    forward mode, and under torch.func transforms.
 
     Arguments are already validated (see :func:`koemorph_fused.temporal_loss`):
     ``prev`` and ``continuity`` are detached or None, ``column_weights`` comes
-    from :func:`column_weights`, ``weights`` is a (5,) float64 tensor.
+    from :func:`column_weights`, ``weights`` is a (5,) float64 tensor;
+    ``want_*`` say which gradients the kernel computes (the ones backward or
+    jvp can need). The gradients are outputs only because the
+    ``setup_context`` form, which torch.func needs, gives forward no ctx to
+    keep them in; they are marked non-differentiable.
     """
 
+    generate_vmap_rule = True  # the operator has a vmap rule; everything else is plain torch
+
     @staticmethod
-    def forward(ctx, pred, target, prev, raw, continuity, column_weights, weights):
+    def forward(pred, target, prev, raw, continuity, column_weights, weights, want_pred, want_target, want_raw):
+        return forward_op(pred, target, prev, raw, continuity, column_weights, weights,
+                          want_pred, want_target, want_raw)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pred, target, prev, raw, continuity, column_weights, weights = inputs[:7]
+        _, terms, grad_pred, grad_target, grad_raw = output
         ctx.set_materialize_grads(False)  # no zero tensor for the gradient of `terms`
-        need = ctx.needs_input_grad
-        total, terms, grad_pred, grad_target, grad_raw = forward_op(
-            pred, target, prev, raw, continuity, column_weights, weights, need[0], need[1], need[3]
-        )
+        ctx.mark_non_differentiable(terms, grad_pred, grad_target, grad_raw)
         ctx.save_for_backward(grad_pred, grad_target, grad_raw)
-        ctx.mark_non_differentiable(terms)
+        ctx.save_for_forward(grad_pred, grad_target, grad_raw)
         # Read by backward (pred's dtype) and by a create_graph backward (what
         # it linearizes around). Inputs, not outputs: no reference cycle.
         ctx.inputs = (pred, target, continuity, column_weights, weights, prev is not None)
-        return total, terms
 
     @staticmethod
-    def backward(ctx, grad_total, grad_terms):
+    def backward(ctx, grad_total, *unused):
         if grad_total is None:  # total did not reach the loss being differentiated
-            return None, None, None, None, None, None, None
+            return (None,) * 10
         grads = ctx.saved_tensors
-        dtype = ctx.inputs[0].dtype
-        if torch.is_grad_enabled():  # backward(create_graph=True)
+        if torch.is_grad_enabled():  # backward(create_graph=True), torch.func.grad
             grads = _differentiable_gradients(ctx.inputs, grads, grad_total)
-        elif not (
-            grads[0].dtype == dtype  # float16 saves float32 gradients: they take the scaling pass
-            and not torch.compiler.is_compiling()
-            and _is_unit_cpu_scalar(grad_total)
-        ):
-            grads = scale_op(grad_total, *grads, dtype)
-        # else: loss.backward() on the CPU. grad_output is exactly 1, so the
-        # saved gradients are the answer. Handing them over (instead of a
-        # scaled copy) saves a pass over memory; autograd steals them when the
-        # graph is freed, and copies them if it is retained (retain_graph=True),
-        # so nothing a second backward reads is ever modified.
+        else:
+            # A new tensor, never the saved one: a retained graph must not
+            # hand out the buffer a second backward reads. (The C++ node of
+            # eager calls hands it over when the graph is being freed.)
+            dtype = ctx.inputs[0].dtype
+            grads = [None if g.numel() == 0 else (grad_total * g).to(dtype) for g in grads]
         need = ctx.needs_input_grad
         return (
             grads[0] if need[0] else None,
             grads[1] if need[1] else None,
             None,
             grads[2] if need[3] else None,
-            None,
-            None,
-            None,
-        )
+        ) + (None,) * 6
+
+    @staticmethod
+    def jvp(ctx, pred_t, target_t, prev_t, raw_t, *unused):
+        """The directional derivative of ``total``: sum(gradient * tangent) over
+        pred, target and raw (prev and continuity are constants)."""
+        total_t = None
+        for g, t in zip(ctx.saved_tensors, (pred_t, target_t, raw_t)):
+            if t is not None and g.numel() != 0:
+                part = (g.to(ctx.inputs[3].dtype) * t.to(ctx.inputs[3].dtype)).sum()
+                total_t = part if total_t is None else total_t + part
+        return total_t, None, None, None, None
 
 
 def _differentiable_gradients(inputs, saved, grad_total):
@@ -165,8 +198,9 @@ def _differentiable_gradients(inputs, saved, grad_total):
     rows = pred.numel() // cols
     acc = colw.dtype
     w = weights.to(device=colw.device, dtype=acc)  # tensor ops only: no host sync
-    zero = w.new_zeros(())
-    kd = torch.where(w[0] > 0, 2.0 * w[0] / (rows * cols), zero) + torch.where(w[2] > 0, 2.0 * w[2] / rows, zero) * colw
+    # As the kernels: a weight that is not finite and > 0 counts as 0.
+    w = torch.where((w > 0) & w.isfinite(), w, w.new_zeros(()))
+    kd = 2.0 * w[0] / (rows * cols) + 2.0 * w[2] / rows * colw
     d_pred = (pred - pred.detach()).to(acc)
     d_target = (target - target.detach()).to(acc)
     lin_d = kd * (d_pred - d_target)
@@ -174,82 +208,65 @@ def _differentiable_gradients(inputs, saved, grad_total):
     if has_prev:
         m = pred.new_ones(pred.shape[:-1], dtype=acc) if mask is None else mask.to(acc)
         m_sum = m.sum()
-        kt = torch.where(w[3] > 0, 2.0 * w[3] / cols, zero) * m / torch.where(m_sum > 0, m_sum, torch.ones_like(m_sum))
+        kt = 2.0 * w[3] / cols * m / torch.where(m_sum > 0, m_sum, torch.ones_like(m_sum))
         lin_pred = lin_pred + kt.unsqueeze(-1) * d_pred
     out = []
-    for saved, lin, like in ((grad_pred, lin_pred, pred), (grad_target, -lin_d, target), (grad_raw, None, None)):
+    for saved, lin, like in ((grad_pred, lin_pred, pred), (grad_target, -lin_d, target), (grad_raw, None, pred)):
         if saved.numel() == 0:
             out.append(None)
         elif lin is None:
-            out.append(grad_total * saved)
+            out.append((grad_total * saved).to(like.dtype))
         else:
             out.append((grad_total * (saved.to(acc) + lin)).to(like.dtype))
     return out
 
 
 def _make_column_weights(
-    mouth: Sequence[int], expression: Sequence[int], cols: int, dtype: torch.dtype, device: torch.device
+    mouth: tuple[int, ...], expression: tuple[int, ...], cols: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     values = [0.0] * cols
     for group in (mouth, expression):
         for i in group:
             values[i] += 1.0 / len(group)
-    return torch.tensor(values, dtype=dtype, device=device)
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=dtype)
+    # Built on the device by kernels, from scalars: no host-to-device copy,
+    # which would be illegal while a CUDA graph is being captured.
+    out = torch.zeros(cols, dtype=dtype, device=device)
+    columns = torch.arange(cols, device=device)
+    for c, v in enumerate(values):
+        if v:
+            out.masked_fill_(columns == c, v)
+    return out
 
 
-_COLUMN_WEIGHTS: dict = {}  # (tuple(mouth), tuple(expression), C, dtype, device) -> tensor
-_COLUMN_WEIGHTS_BY_ID: dict = {}  # (id(mouth), id(expression), C, dtype, device) -> (mouth, expression, tensor)
-_CACHEABLE = (tuple, list, range)
+_COLUMN_WEIGHTS: dict = {}  # (mouth, expression, C, dtype, device) -> tensor
 
 
 def column_weights(
-    mouth_indices, expression_indices, cols: int, dtype: torch.dtype, device: torch.device
+    mouth: tuple[int, ...], expression: tuple[int, ...], cols: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     """Per-column perceptual weights ``count_M(c)/|M| + count_E(c)/|E|`` (the
-    kernel divides by R), in the accumulation dtype of ``dtype``, cached per
-    (indices, C, dtype, device) so a training step creates no tensor for them.
+    kernel divides by R), in the accumulation dtype of ``dtype``.
 
-    The lookup runs every step. Tuples of ints (the defaults, and what most
-    callers pass) cannot change, so they are found by identity, hashing no
-    index; the entry holds the tuples, so their ids stay theirs. Lists and
-    ranges are found by value."""
-    if type(mouth_indices) is tuple and type(expression_indices) is tuple:
-        hit = _COLUMN_WEIGHTS_BY_ID.get((id(mouth_indices), id(expression_indices), cols, dtype, device))
-        if hit is not None:
-            return hit[2]
-    key = None
-    if type(mouth_indices) in _CACHEABLE and type(expression_indices) in _CACHEABLE:
-        key = (tuple(mouth_indices), tuple(expression_indices), cols, dtype, device)
-        try:
-            cached = _COLUMN_WEIGHTS.get(key)
-        except TypeError:  # an unhashable entry: normalize_indices names it below
-            key = cached = None
-        if cached is not None:
-            _remember_by_id(mouth_indices, expression_indices, cols, dtype, device, cached)
-            return cached
-    mouth = normalize_indices("mouth_indices", mouth_indices, cols)
-    expression = normalize_indices("expression_indices", expression_indices, cols)
+    ``mouth`` and ``expression`` are index tuples already normalized by
+    :func:`~koemorph_fused._validation.normalize_indices` (ints in [0, C)), so
+    the tensor is a function of the key alone; it is kept per (indices, C,
+    dtype, device), so that a training step creates no tensor for it (on a
+    GPU: no kernel launches either)."""
+    key = (mouth, expression, cols, dtype, device)
+    cached = _COLUMN_WEIGHTS.get(key)
+    if cached is not None:
+        return cached
     result = _make_column_weights(mouth, expression, cols, accumulation_dtype(dtype), device)
-    if key is not None and not torch.compiler.is_compiling():
+    # Made while tracing or inside a torch.func transform, the tensor belongs
+    # to that trace or transform level (a functorch wrapper, without storage
+    # of its own): never keep it for later calls.
+    if not torch.compiler.is_compiling() and not _transform_active():
         if len(_COLUMN_WEIGHTS) > 256:
             _COLUMN_WEIGHTS.clear()
         _COLUMN_WEIGHTS[key] = result
-        _remember_by_id(mouth_indices, expression_indices, cols, dtype, device, result)
     return result
-
-
-def _remember_by_id(mouth_indices, expression_indices, cols, dtype, device, result) -> None:
-    """Adds a tuples-of-ints entry to the identity cache (anything else could change)."""
-    if (
-        type(mouth_indices) is tuple
-        and type(expression_indices) is tuple
-        and all(type(i) is int for i in mouth_indices + expression_indices)
-        and not torch.compiler.is_compiling()
-    ):
-        if len(_COLUMN_WEIGHTS_BY_ID) > 256:
-            _COLUMN_WEIGHTS_BY_ID.clear()
-        key = (id(mouth_indices), id(expression_indices), cols, dtype, device)
-        _COLUMN_WEIGHTS_BY_ID[key] = (mouth_indices, expression_indices, result)
 
 
 def fused_forward(
@@ -263,19 +280,31 @@ def fused_forward(
 ) -> LossOutput:
     """The loss, differentiable when a gradient can be needed. Eager calls with
     plain tensors use the C++ autograd node (csrc/loss_autograd.cpp); traced
-    calls and tensor subclasses use :class:`FusedTemporalLoss`."""
-    if not torch.compiler.is_compiling():
+    calls, tensor subclasses, forward-mode AD and torch.func transforms (the
+    C++ entry declines those) use :class:`FusedTemporalLoss`."""
+    if not torch.compiler.is_compiling() and _forward_ad._current_level < 0:
         out = _fast_loss(pred, target, prev, raw, mask, colw, weights)
         if out is not NotImplemented:
             return _new_tuple(LossOutput, out)
     return python_fused_forward(pred, target, prev, raw, mask, colw, weights)
 
 
+def _transform_active() -> bool:
+    """Forward-mode AD or a torch.func transform (grad, vjp, jvp, vmap, ...)."""
+    return _forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def python_fused_forward(pred, target, prev, raw, mask, colw, weights) -> LossOutput:
     """:func:`fused_forward` with the Python autograd Function."""
-    if torch.is_grad_enabled() and (
-        pred.requires_grad or target.requires_grad or (raw is not None and raw.requires_grad)
-    ):
-        return _new_tuple(LossOutput, FusedTemporalLoss.apply(pred, target, prev, raw, mask, colw, weights))
+    if not torch.compiler.is_compiling() and _transform_active():
+        # Tangents and transformed tensors need not require grad: compute
+        # every gradient, for jvp and for the transforms' backward.
+        want = (True, True, raw is not None)
+    else:
+        grad = torch.is_grad_enabled()
+        want = (grad and pred.requires_grad, grad and target.requires_grad,
+                grad and raw is not None and raw.requires_grad)
+    if any(want):
+        total, terms, *_ = FusedTemporalLoss.apply(pred, target, prev, raw, mask, colw, weights, *want)
+        return _new_tuple(LossOutput, (total, terms))
     return _new_tuple(LossOutput, forward_op(pred, target, prev, raw, mask, colw, weights, False, False, False)[:2])
-

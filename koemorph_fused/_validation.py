@@ -3,18 +3,24 @@ reject the same misuse with the same message before any kernel runs."""
 
 from __future__ import annotations
 
-import functools
 import numbers
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 _FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def _type_name(x: Any) -> str:
+    """``float``, ``numpy.bool_``, ``torch.Tensor``: the type as a user would write it."""
+    t = type(x)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
 def _check_tensor(name: str, x: Any) -> None:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {_type_name(x)}")
     if x.dtype not in _FLOATING:
         raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {x.dtype}")
 
@@ -25,6 +31,31 @@ def _check_like_pred(name: str, x: Any, pred: torch.Tensor) -> None:
         raise ValueError(f"{name} must have the shape of pred {tuple(pred.shape)}, got {tuple(x.shape)}")
     if x.device != pred.device:
         raise ValueError(f"{name} must be on the device of pred ({pred.device}), got {x.device}")
+
+
+def check_weight_tensor(weights: torch.Tensor, pred: torch.Tensor, *, mutable: bool) -> None:
+    """The (5,) float64 weight tensor the operator reads: on the CPU (values
+    read on the host) or on pred's device (read by the kernel). Anything else
+    -- the meta device, another GPU -- would make the dispatcher pick the
+    wrong kernel.
+
+    ``mutable``: the tensor is updated in place between calls (a
+    FusedKoeMorphLoss's buffer). CPU values travel to a CUDA kernel as
+    arguments, which a CUDA graph captures once and replays forever; such
+    weights must then be on the device, where replays read their current
+    values. (A LossWeights' tensor never changes, so capturing it is right.)"""
+    if weights.device.type != "cpu" and weights.device != pred.device:
+        raise ValueError(
+            f"weights must be on the CPU or on the device of pred ({pred.device}), got {weights.device}; "
+            "for a FusedKoeMorphLoss, move the module to pred's device (loss_fn.to(pred.device))"
+        )
+    if (mutable and pred.is_cuda and weights.device.type == "cpu" and not torch.compiler.is_compiling()
+            and torch.cuda.is_current_stream_capturing()):
+        raise ValueError(
+            f"weights must be on the device of pred ({pred.device}) while a CUDA graph is being captured: "
+            "the graph would replay the CPU values of the capture whatever the weights become later; "
+            "move the FusedKoeMorphLoss to the device first (loss_fn.to(pred.device))"
+        )
 
 
 def check_inputs(
@@ -55,6 +86,8 @@ def check_inputs(
         _check_like_pred("raw", raw, pred)
 
     mask = None
+    if isinstance(continuity, np.bool_):
+        continuity = bool(continuity)  # numpy's bool means what bool means
     if continuity is None or continuity is True:
         pass
     elif continuity is False:
@@ -72,7 +105,7 @@ def check_inputs(
     else:
         raise TypeError(
             f"continuity must be None, a bool, or a tensor of shape {tuple(shape[:-1])}, "
-            f"got {type(continuity).__name__}"
+            f"got {_type_name(continuity)}"
         )
 
     dtype = pred.dtype
@@ -92,37 +125,32 @@ def check_inputs(
     return pred, target, prev, raw, mask
 
 
-def _normalize_indices_uncached(name: str, indices: Any, cols: int) -> tuple[int, ...]:
+def normalize_indices(name: str, indices: Any, cols: int) -> tuple[int, ...]:
+    """Column indices as non-negative ints, used the way ``x[..., indices]``
+    uses them: repeats kept, negatives counted from the end, each in [-C, C).
+
+    Every call of the fused loss and of the reference validates its index
+    arguments here, so the answer never depends on what ran before. Accepts a
+    sequence or iterable of ints (a generator is read once) or a 1-D integer
+    tensor; rejects floats and bools, even integral ones (``12.0``, ``True``)."""
     if isinstance(indices, torch.Tensor):
         if indices.dim() > 1 or indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
             raise TypeError(f"{name} must be a 1-D integer tensor or a sequence of ints, got {indices.dtype} "
                             f"tensor of shape {tuple(indices.shape)}")
         indices = indices.reshape(-1).tolist()
+    elif isinstance(indices, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of ints, got {type(indices).__name__} {indices!r}")
     try:
         items = tuple(indices)
     except TypeError:
-        raise TypeError(f"{name} must be a sequence of ints, got {type(indices).__name__}") from None
+        raise TypeError(f"{name} must be a sequence of ints, got {_type_name(indices)}") from None
     out = []
     for i in items:
-        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
-            raise TypeError(f"{name} must contain ints, got {type(i).__name__} {i!r}")
-        i = int(i)
+        if type(i) is not int:  # numpy and torch integers are fine; bools and floats are not
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+                raise TypeError(f"{name} must contain ints, got {_type_name(i)} {i!r}")
+            i = int(i)
         if not -cols <= i < cols:
             raise ValueError(f"{name} holds index {i}, outside [-{cols}, {cols}) for C = {cols}")
         out.append(i % cols)
     return tuple(out)
-
-
-@functools.lru_cache(maxsize=256)
-def _normalize_indices_cached(name: str, indices: tuple[int, ...], cols: int) -> tuple[int, ...]:
-    return _normalize_indices_uncached(name, indices, cols)
-
-
-def normalize_indices(name: str, indices: Any, cols: int) -> tuple[int, ...]:
-    """Column indices as non-negative ints, used the way ``x[..., indices]``
-    uses them: repeats kept, negatives counted from the end, each in [-C, C)."""
-    if isinstance(indices, (tuple, list, range)) and not torch.compiler.is_compiling():
-        key = tuple(indices)
-        if all(type(i) is int for i in key):  # plain ints: safe to cache
-            return _normalize_indices_cached(name, key, cols)
-    return _normalize_indices_uncached(name, indices, cols)

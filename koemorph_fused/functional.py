@@ -8,7 +8,7 @@ from typing import Any, Optional, Union
 import torch
 
 from . import _ops
-from ._validation import check_inputs
+from ._validation import check_inputs, check_weight_tensor, normalize_indices
 from .terms import EXPRESSION_INDICES, MOUTH_INDICES, LossOutput
 from .weights import DEFAULT, LossWeights, resolve_weights
 
@@ -62,33 +62,22 @@ def temporal_loss(
 
 
 def fused_temporal_loss(
-    pred, target, prev, raw, continuity, weight_tensor: torch.Tensor, mouth_indices, expression_indices
+    pred, target, prev, raw, continuity, weight_tensor: torch.Tensor, mouth_indices, expression_indices,
+    *, mutable_weights: bool = False,
 ) -> LossOutput:
     """:func:`temporal_loss` with the weights already a (5,) float64 tensor of
     validated values, on the CPU or on pred's device (FusedKoeMorphLoss keeps
-    one that moves with the module and is updated in place).
+    one that moves with the module and is updated in place: ``mutable_weights``).
 
-    The common case -- plain tensors of one dtype -- goes straight to the
-    operator, whose C++ checks cover shapes, devices and dtypes. Anything the
-    operator rejects, and every unusual argument, takes the full Python
-    validation of :func:`~koemorph_fused._validation.check_inputs` (shared with
-    the reference, so both raise the same errors), which also promotes mixed
-    dtypes; then the operator runs on what it returns.
+    Every call goes through the same validation as the reference
+    (:func:`~koemorph_fused._validation.check_inputs`, which also promotes
+    mixed dtypes, and :func:`~koemorph_fused._validation.normalize_indices`)
+    before anything is dispatched; then the operator runs.
     """
-    Tensor = torch.Tensor
-    if (
-        type(pred) is Tensor
-        and type(target) is Tensor
-        and (prev is None or type(prev) is Tensor)
-        and (raw is None or type(raw) is Tensor)
-        and (continuity is None or continuity is True or type(continuity) is Tensor)
-    ):
-        try:
-            colw = _ops.column_weights(mouth_indices, expression_indices, pred.shape[-1], pred.dtype, pred.device)
-            mask = continuity if type(continuity) is Tensor else None
-            return _ops.fused_forward(pred, target, prev, raw, mask, colw, weight_tensor)
-        except (TypeError, ValueError, IndexError, RuntimeError):
-            pass  # the full validation below raises the precise error (or promotes dtypes)
     pred, target, prev, raw, mask = check_inputs(pred, target, prev, raw, continuity)
-    colw = _ops.column_weights(mouth_indices, expression_indices, pred.shape[-1], pred.dtype, pred.device)
+    check_weight_tensor(weight_tensor, pred, mutable=mutable_weights)
+    cols = pred.shape[-1]
+    mouth = normalize_indices("mouth_indices", mouth_indices, cols)
+    expression = normalize_indices("expression_indices", expression_indices, cols)
+    colw = _ops.column_weights(mouth, expression, cols, pred.dtype, pred.device)
     return _ops.fused_forward(pred, target, prev, raw, mask, colw, weight_tensor)

@@ -102,6 +102,7 @@ class FusedKoeMorphLoss(KoeMorphLossModule):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # (5,) float64; moves with the module but is never cast (see _apply).
         self.register_buffer("weight_values", self._weights.as_tensor().clone(), persistent=False)
 
     @KoeMorphLossModule.weights.setter
@@ -111,7 +112,18 @@ class FusedKoeMorphLoss(KoeMorphLossModule):
             with torch.no_grad():
                 self.weight_values.copy_(self._weights.as_tensor())
 
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()``, ``.cuda()``, ``.half()``, ...: the weight buffer follows
+        the module's device but stays float64 with the exact values of
+        :attr:`weights`, whatever dtype the module is cast to."""
+        super()._apply(fn, *args, **kwargs)
+        device = self._buffers["weight_values"].device
+        # A private copy: the weights setter updates the buffer in place.
+        self._buffers["weight_values"] = self._weights.as_tensor().to(device, copy=True)
+        return self
+
     def _loss(self, pred, target, prev, raw, continuity) -> LossOutput:
         return fused_temporal_loss(
-            pred, target, prev, raw, continuity, self.weight_values, self.mouth_indices, self.expression_indices
+            pred, target, prev, raw, continuity, self.weight_values, self.mouth_indices, self.expression_indices,
+            mutable_weights=True,
         )

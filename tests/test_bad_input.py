@@ -43,6 +43,13 @@ CASES = [
     ("string weight", dict(weights={"smoothing_weight": "0.1"}), TypeError, ["smoothing"]),
     ("unknown weight key", dict(weights={"mse": 1.0}), ValueError, ["mse", "unknown"]),
     ("weights a list", dict(weights=[1, 0.1, 0.5, 0.2, 0.1]), TypeError, ["weights"]),
+    ("indices a string", dict(mouth_indices="12"), TypeError, ["mouth_indices", "str"]),
+    # On the meta device the dispatcher would run the fake kernel: uninitialized "terms".
+    ("continuity on meta", dict(prev=rand((4, 52)), continuity=torch.ones(4, device="meta")), ValueError,
+     ["continuity", "meta"]),
+    ("prev on meta", dict(prev=torch.ones(4, 52, device="meta")), ValueError, ["prev", "meta"]),
+    ("raw on meta", dict(raw=torch.ones(4, 52, device="meta")), ValueError, ["raw", "meta"]),
+    ("target on meta", dict(target=torch.ones(4, 52, device="meta")), ValueError, ["target", "meta"]),
 ]
 
 
@@ -124,3 +131,41 @@ def test_nan_in_data_is_not_an_error():
     pred = rand((4, 52))
     pred[0, 0] = math.nan
     assert math.isnan(kf.temporal_loss(pred, rand((4, 52))).total.item())
+
+
+def test_module_on_meta_rejects_cpu_inputs():
+    """FusedKoeMorphLoss().to("meta") keeps its weights on meta: a CPU call
+    must name them instead of returning uninitialized memory."""
+    loss_fn = kf.FusedKoeMorphLoss().to("meta")
+    with pytest.raises(ValueError, match=r"weights.*meta.*\.to\("):
+        loss_fn(P, rand((4, 52)))
+    # On meta inputs it runs the fake kernel, as torch modules do: shapes only.
+    out = loss_fn(torch.empty(4, 52, device="meta"), torch.empty(4, 52, device="meta"))
+    assert out.device.type == "meta" and out.shape == ()
+
+
+@pytest.mark.parametrize("fn", [kf.temporal_loss, kf.reference.temporal_loss], ids=["fused", "reference"])
+def test_index_arguments_do_not_depend_on_history(fn):
+    """The same index argument gets the same answer whatever ran before: a
+    generator is read exactly once (also when dtypes are mixed), and float or
+    bool indices are rejected after default calls as in a fresh process."""
+    pred, target = rand((4, 52)), rand((4, 52), torch.float64)
+    expected = fn(pred, target, mouth_indices=list(range(12, 22))).terms
+    got = fn(pred, target, mouth_indices=(i for i in range(12, 22))).terms  # mixed dtypes: promoted
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for _ in range(2):
+        fn(pred, pred)  # default calls first
+        for bad in ([12.0, 13.0], [True, 2], (12.0,)):
+            with pytest.raises(TypeError, match="mouth_indices"):
+                fn(pred, pred, mouth_indices=bad)
+
+
+@pytest.mark.parametrize("fn", [kf.temporal_loss, kf.reference.temporal_loss], ids=["fused", "reference"])
+def test_numpy_bool_continuity_means_bool(fn):
+    np = pytest.importorskip("numpy")
+    pred, target, prev = rand((4, 52)), rand((4, 52)), rand((4, 52))
+    for flag in (False, True):
+        torch.testing.assert_close(fn(pred, target, prev, continuity=np.bool_(flag)).terms,
+                                   fn(pred, target, prev, continuity=flag).terms, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="numpy.float64"):
+        fn(pred, target, prev, continuity=np.float64(1.0))

@@ -320,3 +320,28 @@ def test_flat_and_row_paths_agree(dtype, rows, cols, masked, grads):
         assert fused[2].keys() == ref[2].keys() == {k for k, w in want.items() if w}
         for name in fused[2]:
             torch.testing.assert_close(fused[2][name], ref[2][name], rtol=tol["grads"][0], atol=tol["grads"][1])
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "float", "double", "to_bfloat16", "to_empty"])
+def test_module_casts_keep_the_weights_exact(cast):
+    """Casting the module (as model.half() does to every submodule) must not
+    round the weight buffer: 0.1 as float16 is 0.09998."""
+    weights = kf.LossWeights(mse=1.0, l1=0.1, perceptual=0.7, temporal=0.3, smoothing=0.15)
+    loss_fn = kf.FusedKoeMorphLoss(*weights.as_tuple())
+    if cast == "to_bfloat16":
+        loss_fn = loss_fn.to(torch.bfloat16)
+    elif cast == "to_empty":  # built on meta, materialized on the CPU: the values come back too
+        loss_fn = loss_fn.to("meta").to_empty(device="cpu")
+    else:
+        loss_fn = getattr(loss_fn, cast)()
+    assert loss_fn.weight_values.dtype == torch.float64
+    assert loss_fn.weight_values.tolist() == list(weights.as_tuple())
+    assert loss_fn.weights == weights
+    pred, target, prev, raw = (rand((4, 52), dtype=torch.float32) for _ in range(4))
+    got = loss_fn(pred, target, prev, raw)
+    want = kf.temporal_loss(pred, target, prev, raw, weights=weights).total
+    assert torch.equal(got, want)
+    # and assigning weights afterwards updates the module's own copy only
+    loss_fn.weights = kf.LossWeights(mse=2.0)
+    assert loss_fn.weight_values.tolist()[0] == 2.0
+    assert kf.LossWeights().as_tensor().tolist()[0] == 1.0

@@ -1,0 +1,154 @@
+"""Forward-mode AD and torch.func transforms: the fused loss gives what the
+reference gives (jvp, jacfwd, grad, jacrev, hessian, per-sample gradients
+with vmap(grad), vmap of the loss itself, torch.autograd.forward_ad).
+
+Eager calls with plain tensors use the C++ autograd node, which supports
+neither; kf.temporal_loss hands these calls to the Python FusedTemporalLoss
+(setup_context form, a jvp rule, and a vmap rule for the operator)."""
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
+
+import koemorph_fused as kf
+from helpers import DEVICES, TOL, rand
+
+FUNCS = [kf.temporal_loss, kf.reference.temporal_loss]
+
+
+def _inputs(shape, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pred, target, prev, raw = (rand(shape, dtype, device, generator=g) for _ in range(4))
+    mask = torch.rand(shape[:-1], generator=g).to(device) > 0.3
+    return pred, target, prev, raw, mask
+
+
+def _assert_same(fused, ref, dtype):
+    rtol, atol = TOL[dtype]["grads"]
+    torch.testing.assert_close(fused, ref, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_jvp_is_the_directional_derivative(device, dtype):
+    pred, target, prev, raw, mask = _inputs((6, 52), dtype, device)
+    tangents = tuple(rand(x.shape, dtype, device) - 0.5 for x in (pred, target, raw))
+    results = []
+    for fn in FUNCS:
+        _, t = jvp(lambda p, t, r: fn(p, t, prev, r, continuity=mask).total, (pred, target, raw), tangents)
+        results.append(t)
+    # The tangent has the dtype of total. (The reference's comes back float64
+    # for float32 inputs: a quirk of eager forward AD with Python-float weights.)
+    assert results[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert results[0].abs() > 0  # the bug this guards against: a tangent of exactly 0
+    rtol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(results[0].double(), results[1].double(), rtol=rtol, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_ad_dual_tensors(device):
+    pred, target, prev, raw, mask = _inputs((5, 52), torch.float64, device)
+    tangent = rand(pred.shape, torch.float64, device)
+    results = []
+    for fn in FUNCS:
+        with fwAD.dual_level():
+            out = fn(fwAD.make_dual(pred, tangent), target, prev, raw, continuity=mask)
+            results.append(fwAD.unpack_dual(out.total).tangent)
+            assert fwAD.unpack_dual(out.terms).tangent is None  # terms are not differentiable
+    assert results[0] is not None
+    torch.testing.assert_close(results[0], results[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("transform", ["grad", "jacrev", "jacfwd"])
+def test_gradients_under_transforms(device, transform):
+    pred, target, prev, raw, mask = _inputs((4, 52), torch.float64, device)
+    t = {"grad": grad, "jacrev": jacrev, "jacfwd": jacfwd}[transform]
+    results = []
+    for fn in FUNCS:
+        f = lambda p, r: fn(p, target, prev, r, continuity=mask, weights=kf.LossWeights(temporal=0.3)).total
+        results.append(t(f, argnums=(0, 1))(pred, raw))
+    for a, b in zip(*results):
+        assert a.abs().sum() > 0
+        _assert_same(a, b, torch.float64)
+
+
+def test_hessian_matches_reference():
+    pred, target, prev, raw, mask = _inputs((3, 7), torch.float64, "cpu")
+    groups = dict(mouth_indices=[0, 1, 1], expression_indices=[-1])
+    results = [hessian(lambda p: fn(p, target, prev, raw, continuity=mask, **groups).total)(pred) for fn in FUNCS]
+    assert results[0].shape == (3, 7, 3, 7)
+    assert results[0].abs().sum() > 0
+    _assert_same(results[0], results[1], torch.float64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_per_sample_gradients_with_vmap_grad(device, dtype):
+    """vmap(grad(loss)) over the batch: each sample its own loss (one row),
+    as differentially private training computes them."""
+    pred, target, prev, raw, _ = _inputs((8, 52), dtype, device)
+    results = []
+    for fn in FUNCS:
+        per_sample = vmap(grad(lambda p, t, v, r: fn(p[None], t[None], v[None], r[None]).total))
+        results.append(per_sample(pred, target, prev, raw))
+    assert results[0].shape == pred.shape
+    _assert_same(results[0], results[1], dtype)
+    # ...and they are the gradients of one-row calls, one by one.
+    for i in (0, 7):
+        p = pred[i:i + 1].clone().requires_grad_()
+        kf.temporal_loss(p, target[i:i + 1], prev[i:i + 1], raw[i:i + 1]).total.backward()
+        _assert_same(results[0][i], p.grad[0], dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vmap_of_the_loss(device):
+    """vmap over a leading dimension: one independent loss per slice."""
+    pred, target, prev, raw, mask = _inputs((3, 5, 52), torch.float64, device)
+    outs = [vmap(lambda p, t, v, r, m: tuple(fn(p, t, v, r, continuity=m)))(pred, target, prev, raw, mask)
+            for fn in FUNCS]
+    (tf, sf), (tr, sr) = outs
+    assert tf.shape == (3,) and sf.shape == (3, 5)
+    torch.testing.assert_close(tf, tr)
+    torch.testing.assert_close(sf, sr)
+    for i in range(3):
+        one = kf.temporal_loss(pred[i], target[i], prev[i], raw[i], continuity=mask[i])
+        torch.testing.assert_close(one.total, tf[i])
+
+
+def test_module_under_grad_transform():
+    pred, target, prev, raw, mask = _inputs((4, 52), torch.float32, "cpu")
+    fused, ref = kf.FusedKoeMorphLoss(temporal_weight=0.3), kf.reference.KoeMorphTemporalLoss(temporal_weight=0.3)
+    g = [grad(lambda p: m(p, target, prev, raw, continuity=mask))(pred) for m in (fused, ref)]
+    _assert_same(g[0], g[1], torch.float32)
+
+
+def test_eager_calls_keep_the_cpp_node_after_a_transform():
+    """The transform's state does not leak into later eager calls."""
+    pred, target, *_ = _inputs((4, 52), torch.float32, "cpu")
+    grad(lambda p: kf.temporal_loss(p, target).total)(pred)
+    with fwAD.dual_level():
+        kf.temporal_loss(fwAD.make_dual(pred, pred), target)
+    out = kf.temporal_loss(pred.clone().requires_grad_(), target)
+    assert "TemporalLossFunction" in out.total.grad_fn.name()
+
+
+@pytest.mark.parametrize("transform", ["grad", "jvp", "vmap"])
+def test_transforms_leave_no_wrapped_tensors_behind(transform):
+    """Column weights first made inside a transform are that transform's
+    wrapped tensors: they must not be kept for later eager calls."""
+    pred, target, *_ = _inputs((4, 52), torch.float32, "cpu")
+    groups = dict(mouth_indices=(1, 4, 4), expression_indices=(50, -1))  # not used by other tests
+    kf._ops._COLUMN_WEIGHTS.clear()
+    f = lambda p: kf.temporal_loss(p, target, **groups).total
+    if transform == "grad":
+        grad(f)(pred)
+    elif transform == "jvp":
+        jvp(f, (pred,), (pred,))
+    else:
+        vmap(lambda p, t: kf.temporal_loss(p, t, **groups).total)(pred[:, None], target[:, None])
+    eager = kf.temporal_loss(pred, target, **groups)  # would fail on a wrapped colw: no storage
+    torch.testing.assert_close(eager.terms, kf.reference.temporal_loss(pred, target, **groups).terms)
+    for colw in kf._ops._COLUMN_WEIGHTS.values():
+        colw.data_ptr()  # a plain tensor with storage
