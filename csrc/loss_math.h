@@ -6,7 +6,7 @@
 //     (cpu_loss_kernel.h specialises Lanes<> for vectors).
 // So the CPU tests exercise the very expressions the GPU runs.
 //
-// Notation (../shared/SPEC.md): d = pred - target, e = pred - prev,
+// Notation (docs/spec.md): d = pred - target, e = pred - prev,
 // s = pred - raw, R rows, C columns, N = R*C, m_r the continuity mask.
 #pragma once
 
@@ -47,7 +47,7 @@ struct Lanes {
 // ---------------------------------------------------------------------------
 // Coefficients of one call, computed once on the host in the accumulation
 // type. A term whose weight is 0 has coefficient 0 and contributes nothing to
-// any gradient (SPEC: a weight of 0 removes the term from the total).
+// any gradient (docs/spec.md: a weight of 0 removes the term from the total).
 template <class A>
 struct GradCoefficients {
   A mse;         // 2*w_mse/N
