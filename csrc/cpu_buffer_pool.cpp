@@ -1,10 +1,10 @@
 #include "cpu_buffer_pool.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <new>
-#include <unordered_map>
 #include <vector>
 
 #include <ATen/EmptyTensor.h>
@@ -18,12 +18,12 @@
 namespace koemorph_fused {
 namespace {
 
-// Each block starts with a header holding its size; the data follows at a
-// 64-byte offset, so the data keeps the alignment torch's allocator gives.
+// Each block starts with a header holding its capacity; the data follows at
+// a 64-byte offset, so the data keeps the alignment torch's allocator gives.
 constexpr size_t kHeader = 64;
 constexpr size_t kHugePage = size_t(2) << 20;
 
-int64_t limit_from_env() {
+int64_t cap_from_env() {
   const char* mb = std::getenv("KOEMORPH_FUSED_CPU_CACHE_MB");
   if (mb != nullptr && *mb != '\0') {
     char* end = nullptr;
@@ -33,25 +33,47 @@ int64_t limit_from_env() {
   return int64_t(2048) << 20;
 }
 
+// Blocks come in size classes, four per power of two (at most 25% above the
+// request), so that nearby batch sizes share blocks.
+size_t size_class(size_t bytes) {
+  const int log2 = 63 - __builtin_clzll(static_cast<unsigned long long>(bytes));
+  const size_t step = size_t(1) << std::max(log2 - 2, 0);
+  return (bytes + step - 1) / step * step;
+}
+
+// A block serves a request of `need` bytes if it holds at most twice that:
+// reuse across batch sizes that change from step to step, without parking a
+// large block under a small tensor.
+bool fits(size_t capacity, size_t need) { return capacity >= need && capacity / 2 <= need; }
+
 class GradientBufferPool final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t nbytes) override {
-    const size_t total = nbytes + kHeader;
+    const size_t need = nbytes + kHeader;
     void* base = nullptr;
+    size_t capacity = 0;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      auto it = free_.find(total);
-      if (it != free_.end() && !it->second.empty()) {
-        base = it->second.back();
-        it->second.pop_back();
-        cached_ -= static_cast<int64_t>(total);
+      // Best fit among the idle blocks (a handful: the pool keeps at most
+      // twice the peak bytes in use).
+      auto best = idle_.end();
+      for (auto it = idle_.begin(); it != idle_.end(); ++it) {
+        if (fits(it->capacity, need) && (best == idle_.end() || it->capacity < best->capacity)) best = it;
+      }
+      if (best != idle_.end()) {
+        base = best->base;
+        capacity = best->capacity;
+        idle_.erase(best);
+        cached_ -= static_cast<int64_t>(capacity);
         ++hits_;
       } else {
+        capacity = size_class(need);
         ++misses_;
       }
-      in_use_ += static_cast<int64_t>(total);
+      in_use_ += static_cast<int64_t>(capacity);
+      peak_in_use_ = std::max(peak_in_use_, in_use_);
     }
-    if (base == nullptr) base = allocate_block(total);
+    if (base == nullptr) base = allocate_block(capacity);
     return {static_cast<char*>(base) + kHeader, base, &GradientBufferPool::release,
             c10::Device(c10::DeviceType::CPU)};
   }
@@ -62,19 +84,18 @@ class GradientBufferPool final : public c10::Allocator {
 
   BufferPoolStats stats() {
     std::lock_guard<std::mutex> lock(mutex_);
-    return {cached_, in_use_, limit_, hits_, misses_};
+    return {cached_, in_use_, peak_in_use_, limit_locked(), cap_, hits_, misses_, evictions_};
   }
 
   void empty_cache() {
-    std::unordered_map<size_t, std::vector<void*>> blocks;
+    std::vector<Idle> blocks;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      blocks.swap(free_);
+      blocks.swap(idle_);
       cached_ = 0;
+      peak_in_use_ = in_use_;  // the bound starts again from what is in use now
     }
-    for (auto& [size, list] : blocks) {
-      for (void* p : list) std::free(p);
-    }
+    for (const Idle& b : blocks) std::free(b.base);
   }
 
   static GradientBufferPool& instance() {
@@ -83,6 +104,16 @@ class GradientBufferPool final : public c10::Allocator {
   }
 
  private:
+  struct Idle {
+    void* base;
+    size_t capacity;
+  };
+
+  // Idle bytes kept: at most twice the peak bytes in use at once (what the
+  // loop actually needs, room for the blocks of two batch sizes), and at
+  // most the cap (KOEMORPH_FUSED_CPU_CACHE_MB).
+  int64_t limit_locked() const { return std::min(cap_, 2 * peak_in_use_); }
+
   static void* allocate_block(size_t total) {
     const size_t alignment = total >= kHugePage ? kHugePage : 64;
     void* base = nullptr;
@@ -99,28 +130,38 @@ class GradientBufferPool final : public c10::Allocator {
   }
 
   static void release(void* base) {
-    size_t total = 0;
-    std::memcpy(&total, base, sizeof(total));
+    size_t capacity = 0;
+    std::memcpy(&capacity, base, sizeof(capacity));
     GradientBufferPool& pool = instance();
+    std::vector<void*> evicted;
     {
       std::lock_guard<std::mutex> lock(pool.mutex_);
-      pool.in_use_ -= static_cast<int64_t>(total);
-      if (pool.cached_ + static_cast<int64_t>(total) <= pool.limit_) {
-        pool.free_[total].push_back(base);
-        pool.cached_ += static_cast<int64_t>(total);
-        return;
+      pool.in_use_ -= static_cast<int64_t>(capacity);
+      pool.idle_.push_back({base, capacity});
+      pool.cached_ += static_cast<int64_t>(capacity);
+      // Over the limit: the blocks idle the longest go back to the system.
+      const int64_t limit = pool.limit_locked();
+      size_t n = 0;
+      while (pool.cached_ > limit && n < pool.idle_.size()) {
+        pool.cached_ -= static_cast<int64_t>(pool.idle_[n].capacity);
+        evicted.push_back(pool.idle_[n].base);
+        ++n;
       }
+      pool.idle_.erase(pool.idle_.begin(), pool.idle_.begin() + static_cast<std::ptrdiff_t>(n));
+      pool.evictions_ += static_cast<int64_t>(n);
     }
-    std::free(base);
+    for (void* p : evicted) std::free(p);
   }
 
   std::mutex mutex_;
-  std::unordered_map<size_t, std::vector<void*>> free_;
+  std::vector<Idle> idle_;  // oldest first
   int64_t cached_ = 0;
   int64_t in_use_ = 0;
-  const int64_t limit_ = limit_from_env();
+  int64_t peak_in_use_ = 0;
+  const int64_t cap_ = cap_from_env();
   int64_t hits_ = 0;
   int64_t misses_ = 0;
+  int64_t evictions_ = 0;
 };
 
 }  // namespace

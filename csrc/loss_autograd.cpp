@@ -1,13 +1,14 @@
 // The autograd node of the fused loss for eager calls, in C++.
 //
 // koemorph_fused.temporal_loss on plain tensors comes here (through
-// python_entry.cpp's `loss`); traced calls (torch.compile, torch.export) and
-// tensor subclasses use koemorph_fused._ops.FusedTemporalLoss, the Python
-// autograd.Function that dynamo can trace. Both do the same thing: forward
-// runs temporal_loss_forward, which also computes the gradients, and saves
-// them; backward scales them by grad_output (scale_gradients), hands them
-// over unchanged when grad_output is a CPU 1, or, under create_graph, makes
-// them differentiable. tests/test_autograd.py runs its checks on both.
+// python_entry.cpp's `loss`); traced calls (torch.compile, torch.export),
+// tensor subclasses, forward-mode AD and torch.func transforms use
+// koemorph_fused._ops.FusedTemporalLoss, the Python autograd.Function. Both
+// do the same thing: forward runs temporal_loss_forward, which also computes
+// the gradients, and saves them; backward scales them by grad_output, or,
+// under create_graph, makes them differentiable. Here backward also hands
+// them over unchanged when grad_output is a CPU 1 and the graph is being
+// freed. tests/test_autograd.py runs its checks on both.
 //
 // Why a second implementation: at B = 4 the Python Function's bookkeeping
 // (creating its ctx, running forward and backward as Python code, output
@@ -19,6 +20,7 @@
 #include <ATen/ATen.h>
 #include <c10/core/DispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include "loss_inputs.h"
@@ -70,11 +72,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_gradients(
   const int64_t cols = pred.size(-1);
   const int64_t rows = pred.numel() / cols;
   const at::ScalarType acc = colw.scalar_type();
-  const at::Tensor w = weights.to(colw.device(), acc);  // tensor ops only: no host sync
-  const at::Tensor zero = at::zeros({}, w.options());
-  const at::Tensor kd =
-      at::where(w[0] > 0, 2.0 * w[0] / static_cast<double>(rows * cols), zero) +
-      at::where(w[2] > 0, 2.0 * w[2] / static_cast<double>(rows), zero) * colw;
+  at::Tensor w = weights.to(colw.device(), acc);  // tensor ops only: no host sync
+  // As the kernels: a weight that is not finite and > 0 counts as 0.
+  w = at::where(w.gt(0).logical_and(w.isfinite()), w, at::zeros({}, w.options()));
+  const at::Tensor kd = 2.0 * w[0] / static_cast<double>(rows * cols) +
+                        2.0 * w[2] / static_cast<double>(rows) * colw;
   const at::Tensor d_pred = (pred - pred.detach()).to(acc);
   const at::Tensor d_target = (target - target.detach()).to(acc);
   const at::Tensor lin_d = kd * (d_pred - d_target);
@@ -84,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_gradients(
     const at::Tensor m = state[2].isNone() ? at::ones(rows_shape, pred.options().dtype(acc))
                                            : state[2].toTensor().to(acc);
     const at::Tensor m_sum = m.sum();
-    const at::Tensor kt = at::where(w[3] > 0, 2.0 * w[3] / static_cast<double>(cols), zero) * m /
+    const at::Tensor kt = 2.0 * w[3] / static_cast<double>(cols) * m /
                           at::where(m_sum > 0, m_sum, at::ones_like(m_sum));
     lin_pred = lin_pred + kt.unsqueeze(-1) * d_pred;
   }
@@ -125,13 +127,15 @@ struct TemporalLossFunction : public torch::autograd::Function<TemporalLossFunct
     at::Tensor g_pred, g_target, g_raw;
     if (at::GradMode::is_enabled()) {  // backward(create_graph=True)
       std::tie(g_pred, g_target, g_raw) = differentiable_gradients(state, saved, go);
-    } else if (saved[0].scalar_type() == dtype && is_unit_cpu_scalar(go)) {
+    } else if (saved[0].scalar_type() == dtype && is_unit_cpu_scalar(go) &&
+               !torch::autograd::get_current_graph_task_keep_graph()) {
       // loss.backward() on the CPU: grad_output is exactly 1, so the saved
       // gradients are the answer. Handing them over (instead of a scaled
-      // copy) saves a pass over memory; autograd steals them when the graph
-      // is freed, and copies them if it is retained (retain_graph=True), so
-      // nothing a second backward reads is ever modified. (float16 saves
-      // float32 gradients, which take the scaling pass to become float16.)
+      // copy) saves a pass over memory. Only when the graph is being freed:
+      // under retain_graph=True the caller would get the very buffer a
+      // second backward reads (autograd.grad returns it as it is), so then
+      // they take the scaling pass like any other grad_output. (float16
+      // saves float32 gradients, which always take it to become float16.)
       g_pred = saved[0], g_target = saved[1], g_raw = saved[2];
     } else {
       std::tie(g_pred, g_target, g_raw) =

@@ -96,10 +96,13 @@ LossInputs prepare_inputs(const at::Tensor& pred, const at::Tensor& target,
                      m.scalar_type());
     TORCH_CHECK_VALUE(m.device() == pred.device(), "continuity must be on the device of pred (",
                       pred.device(), "), got ", m.device());
-    // Only the temporal term reads the mask.
+    // Only the temporal term reads the mask. The CUDA kernel converts any
+    // dtype itself (no cast kernel, no allocation per call); the CPU kernel
+    // reads the accumulation dtype.
     if (prev) {
-      const bool ready = m.dim() == 1 && m.scalar_type() == acc && m.is_contiguous();
-      in.mask = ready ? m : m.reshape({in.rows}).to(acc).contiguous();
+      const bool ready = m.dim() == 1 && (m.scalar_type() == acc || m.is_cuda()) && m.is_contiguous();
+      in.mask = ready ? m : m.is_cuda() ? m.reshape({in.rows}).contiguous()
+                                        : m.reshape({in.rows}).to(acc).contiguous();
     }
   }
 

@@ -29,7 +29,7 @@ at::ScalarType gradient_storage_dtype(at::ScalarType dtype);
 // dimension has stride 1 (a contiguous copy is made only when it had not).
 struct LossInputs {
   at::Tensor pred, target, prev, raw;  // prev / raw undefined when absent
-  at::Tensor mask;                     // (rows,) contiguous, accumulation dtype; undefined = all ones
+  at::Tensor mask;                     // (rows,) contiguous (CPU: accumulation dtype); undefined = all ones
   at::Tensor column_weights;           // (cols,) contiguous, accumulation dtype
   int64_t rows = 0;
   int64_t cols = 0;

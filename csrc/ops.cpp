@@ -60,10 +60,12 @@ PyObject* cpu_kernel(PyObject*, PyObject*) {
 
 PyObject* cpu_buffer_pool_stats(PyObject*, PyObject*) {
   const koemorph_fused::BufferPoolStats s = koemorph_fused::buffer_pool_stats();
-  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L}", "cached_bytes", (long long)s.cached_bytes,
-                       "in_use_bytes", (long long)s.in_use_bytes, "limit_bytes",
-                       (long long)s.limit_bytes, "hits", (long long)s.hits, "misses",
-                       (long long)s.misses);
+  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L}", "cached_bytes",
+                       (long long)s.cached_bytes, "in_use_bytes", (long long)s.in_use_bytes,
+                       "peak_in_use_bytes", (long long)s.peak_in_use_bytes, "limit_bytes",
+                       (long long)s.limit_bytes, "cap_bytes", (long long)s.cap_bytes, "hits",
+                       (long long)s.hits, "misses", (long long)s.misses, "evictions",
+                       (long long)s.evictions);
 }
 
 PyObject* cpu_buffer_pool_empty_cache(PyObject*, PyObject*) {
@@ -83,8 +85,6 @@ PyMethodDef methods[] = {
     {"scale", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(koemorph_fused::python_scale)),
      METH_FASTCALL,
      "scale_gradients for plain tensors; NotImplemented for anything else."},
-    {"is_unit_cpu_scalar", koemorph_fused::python_is_unit_cpu_scalar, METH_O,
-     "Whether a plain CPU tensor holds the single value 1."},
     {"cpu_kernel", cpu_kernel, METH_NOARGS,
      "Which build of the CPU kernels runs on this machine: 'AVX2' or 'DEFAULT'."},
     {"cpu_buffer_pool_stats", cpu_buffer_pool_stats, METH_NOARGS,

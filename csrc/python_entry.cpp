@@ -133,11 +133,4 @@ PyObject* python_loss(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
-PyObject* python_is_unit_cpu_scalar(PyObject*, PyObject* arg) {
-  HANDLE_TH_ERRORS
-  if (is_tensor(arg) && is_unit_cpu_scalar(THPVariable_Unpack(arg))) Py_RETURN_TRUE;
-  Py_RETURN_FALSE;
-  END_HANDLE_TH_ERRORS
-}
-
 }  // namespace koemorph_fused

@@ -13,7 +13,5 @@ PyObject* python_scale(PyObject* self, PyObject* const* args, Py_ssize_t nargs);
 // loss(pred, target, prev, raw, continuity, column_weights, weights) ->
 //      (total, terms) with the C++ autograd node, or NotImplemented
 PyObject* python_loss(PyObject* self, PyObject* const* args, Py_ssize_t nargs);
-// is_unit_cpu_scalar(t) -> bool: t is a plain CPU tensor with one element equal to 1
-PyObject* python_is_unit_cpu_scalar(PyObject* self, PyObject* arg);
 
 }  // namespace koemorph_fused

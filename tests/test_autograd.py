@@ -162,3 +162,33 @@ def test_saved_tensor_hooks_apply_to_the_saved_gradients(autograd_path):
     want = torch.autograd.grad(kf.reference.temporal_loss(pred, target, prev, raw).total, (pred, raw))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+def test_retained_gradients_are_not_the_saved_buffers(autograd_path):
+    """With retain_graph=True the graph keeps its saved gradients for the next
+    backward: the caller must get a tensor of its own, which it may modify."""
+    pred = rand((2048, 52)).requires_grad_()
+    target, raw = rand((2048, 52)), rand((2048, 52)).requires_grad_()
+    out = kf.temporal_loss(pred, target, None, raw)
+    first = torch.autograd.grad(out.total, (pred, raw), retain_graph=True)
+    expected = [g.clone() for g in first]
+    for g in first:
+        g.clamp_(0.0, 0.0)  # the caller's own tensors
+    again = torch.autograd.grad(out.total, (pred, raw))  # graph freed now: may hand over
+    for a, b in zip(again, expected):
+        assert torch.equal(a, b)
+
+
+def test_freed_graph_hands_over_the_saved_gradients():
+    """Without retain_graph, the C++ node's backward with grad_output 1 hands
+    the saved buffers over (no copy): the pool sees no new allocation."""
+    lib = kf._ops.library
+    pred, target = rand((2048, 52)).requires_grad_(), rand((2048, 52))
+    kf.temporal_loss(pred, target).total.backward()  # warm-up
+    pred.grad = None
+    out = kf.temporal_loss(pred, target)
+    before = lib.cpu_buffer_pool_stats()
+    out.total.backward()
+    after = lib.cpu_buffer_pool_stats()
+    assert after["hits"] + after["misses"] == before["hits"] + before["misses"]
+    assert pred.grad is not None

@@ -417,3 +417,70 @@ def test_architecture_list_reaches_only_the_cxx_compiler(monkeypatch):
     assert all("," not in str(value) for _, value in config.define_macros(True))
     assert "-DKF_CUDA_ARCH_LIST=8.0,8.6,9.0+PTX" in config.cxx_flags(True)
     assert not any(f.startswith("-DKF_CUDA_ARCH_LIST") for f in config.cxx_flags(False))
+
+
+@needs_cuda
+def test_invalid_device_weights_count_as_zero_in_total_and_gradients():
+    """Weights on the device cannot be checked without a sync: one that is
+    negative, NaN or infinite counts as 0 in the total AND in every gradient
+    (before, the gradient used it while the total dropped it)."""
+    args, kwargs = make_inputs(300, 52, torch.float32)
+    bad = torch.tensor([-1.0, float("nan"), 0.5, float("inf"), 0.1], dtype=torch.float64, device=DEVICE)
+    same = torch.tensor([0.0, 0.0, 0.5, 0.0, 0.1], dtype=torch.float64)
+    got = forward(*args, **kwargs, weights=bad)
+    want = forward(*args, **kwargs, weights=same)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    # The Python API never lets such a weight through.
+    with pytest.raises(ValueError, match="finite"):
+        kf.LossWeights(l1=float("nan"))
+
+
+@needs_cuda
+def test_cuda_graph_rejects_module_weights_left_on_the_cpu():
+    """A module whose weight buffer stayed on the CPU would have its values
+    captured as kernel arguments and replayed after they change: clear error."""
+    data = {k: v.to(DEVICE) for k, v in _graph_inputs(64, 52, 4).items()}
+    loss_fn = kf.FusedKoeMorphLoss()  # not moved to the device
+    loss_fn(data["pred"], data["target"], data["prev"], data["raw"])  # fine outside a capture
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match=r"weights.*CUDA graph.*loss_fn\.to"):
+        with torch.cuda.graph(graph):
+            loss_fn(data["pred"], data["target"], data["prev"], data["raw"])
+
+
+@needs_cuda
+def test_first_call_inside_a_capture_builds_column_weights_on_the_device():
+    """Column weights not seen before are built by kernels on the device: no
+    host-to-device copy, which a stream capture forbids."""
+    data = {k: v.to(DEVICE) for k, v in _graph_inputs(128, 52, 5).items()}
+    groups = dict(mouth_indices=(3, 5, 5, -2), expression_indices=(7,))  # not cached by any other test
+    loss_fn = kf.FusedKoeMorphLoss(**groups).to(DEVICE)
+    _ops._COLUMN_WEIGHTS.clear()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        total = loss_fn(data["pred"], data["target"], data["prev"], data["raw"], continuity=data["mask"])
+    graph.replay()
+    torch.cuda.synchronize()
+    cpu = {k: v.cpu() for k, v in data.items()}
+    want = kf.reference.temporal_loss(cpu["pred"], cpu["target"], cpu["prev"], cpu["raw"], continuity=cpu["mask"],
+                                      **groups).total
+    assert_close(total.cpu(), want, *TOL[torch.float32]["values"], what="total")
+
+
+@needs_cuda
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.int64, torch.float16, torch.float32])
+def test_mask_of_any_dtype_is_read_without_a_cast(mask_dtype):
+    """The mask pre-kernel converts the mask itself: no cast kernel and no
+    allocation besides the workspace, and the same answer as a float mask."""
+    data = _graph_inputs(500, 52, 6)
+    dev = {k: v.to(DEVICE) for k, v in data.items()}
+    mask = dev["mask"].to(mask_dtype)
+    forward(dev["pred"], dev["target"], dev["prev"], dev["raw"], mask=mask)  # warm-up
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = forward(dev["pred"], dev["target"], dev["prev"], dev["raw"], mask=mask)
+    ops = {e.name for e in prof.events()}
+    assert not ops & {"aten::to", "aten::_to_copy", "aten::copy_"}, ops
+    want = forward(dev["pred"], dev["target"], dev["prev"], dev["raw"], mask=dev["mask"].float())
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)

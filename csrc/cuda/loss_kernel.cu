@@ -23,6 +23,7 @@
 // V = 1. A row whose width is not a multiple of V ends in a partial item read
 // element by element. The per-element math is loss_math.h's, on scalars.
 #include <algorithm>
+#include <cfloat>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -200,13 +201,20 @@ __device__ bool grid_sum(double (&v)[N], double* partials, unsigned int* counter
 // ---------------------------------------------------------------------------
 // sum_r m_r, before the forward kernel (mask case only).
 
-template <typename acc_t>
+// A mask of another dtype (bool, as continuity_mask makes, integers, ...) is
+// converted here, into `converted` (rows values of acc_t in the workspace),
+// instead of by a separate cast kernel and allocation; nullptr when the mask
+// is already acc_t.
+template <typename acc_t, typename mask_t>
 __global__ void __launch_bounds__(kThreads)
-    mask_sum_kernel(const acc_t* __restrict__ mask, int64_t rows, double* workspace) {
+    mask_sum_kernel(const mask_t* __restrict__ mask, int64_t rows, acc_t* __restrict__ converted,
+                    double* workspace) {
   double v[1] = {0.0};
   const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < rows; i += step) {
-    v[0] += static_cast<double>(mask[i]);
+    const acc_t m = static_cast<acc_t>(mask[i]);
+    if (converted != nullptr) converted[i] = m;
+    v[0] += static_cast<double>(m);
   }
   auto* counter = reinterpret_cast<unsigned int*>(workspace + kCounterSlot);
   if (grid_sum<1>(v, workspace + kPartialsSlot, counter) && threadIdx.x == 0) {
@@ -244,7 +252,13 @@ template <typename scalar_t, typename grad_t>
 __device__ __forceinline__ void load_weights(const ForwardParams<scalar_t, grad_t>& p,
                                              double (&w)[kNumTerms]) {
 #pragma unroll
-  for (int i = 0; i < kNumTerms; ++i) w[i] = p.weights_dev ? p.weights_dev[i] : p.weights[i];
+  for (int i = 0; i < kNumTerms; ++i) {
+    const double v = p.weights_dev ? p.weights_dev[i] : p.weights[i];
+    // Weights on the device cannot be checked without a host sync (host ones
+    // are, in prepare_inputs): one that is not finite and > 0 counts as 0 in
+    // the total AND in every gradient, so the two always agree.
+    w[i] = (v > 0.0 && v <= DBL_MAX) ? v : 0.0;
+  }
 }
 
 // sum_r m_r: from the pre-kernel when there is a mask, else R.
@@ -564,8 +578,11 @@ void run_forward(const LossInputs& in, ForwardOutputs& outs, cudaStream_t stream
   p.target_stride = in.target.stride(0);
   p.prev_stride = in.prev.defined() ? in.prev.stride(0) : 0;
   p.raw_stride = in.raw.defined() ? in.raw.stride(0) : 0;
-  // Only the temporal term reads the mask (prepare_inputs keeps it only then).
-  p.mask = in.mask.defined() && in.prev.defined() ? in.mask.const_data_ptr<acc_t>() : nullptr;
+  // Only the temporal term reads the mask (prepare_inputs keeps it only
+  // then). One of another dtype is converted into the workspace below.
+  const bool with_mask = in.mask.defined() && in.prev.defined();
+  const bool convert_mask = with_mask && in.mask.scalar_type() != c10::CppTypeToScalarType<acc_t>::value;
+  p.mask = with_mask && !convert_mask ? in.mask.const_data_ptr<acc_t>() : nullptr;
   p.colw = in.column_weights.const_data_ptr<acc_t>();
   p.grad_pred = data_or_null<grad_t>(grad_pred);
   p.grad_target = data_or_null<grad_t>(grad_target);
@@ -578,18 +595,31 @@ void run_forward(const LossInputs& in, ForwardOutputs& outs, cudaStream_t stream
   p.total = total.mutable_data_ptr<acc_t>();
 
   const bool has_prev = p.prev != nullptr, has_raw = p.raw != nullptr;
-  const bool with_mask = has_prev && p.mask != nullptr;
   const int mask_grid = static_cast<int>(
       std::min<int64_t>(ceil_div(in.rows, kThreads * 16), max_resident_blocks()));
   const int64_t partials =
       std::max<int64_t>(forward_grid_bound(in.rows, in.cols) * kNumTerms, with_mask ? mask_grid : 0);
+  // 8-byte slots; a converted mask takes the slots after the partials.
+  const int64_t mask_slots = convert_mask ? ceil_div(in.rows * int64_t(sizeof(acc_t)), int64_t(8)) : 0;
   const at::Tensor workspace =
-      at::empty({kPartialsSlot + partials}, in.pred.options().dtype(at::kDouble));
+      at::empty({kPartialsSlot + partials + mask_slots}, in.pred.options().dtype(at::kDouble));
   p.workspace = workspace.mutable_data_ptr<double>();
   C10_CUDA_CHECK(cudaMemsetAsync(p.workspace + kCounterSlot, 0, sizeof(double), stream));
 
   if (with_mask) {
-    mask_sum_kernel<acc_t><<<mask_grid, kThreads, 0, stream>>>(p.mask, in.rows, p.workspace);
+    acc_t* converted =
+        convert_mask ? reinterpret_cast<acc_t*>(p.workspace + kPartialsSlot + partials) : nullptr;
+    if (convert_mask) {
+      AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, in.mask.scalar_type(),
+                                 "koemorph_fused_mask_sum", [&] {
+        mask_sum_kernel<acc_t, scalar_t><<<mask_grid, kThreads, 0, stream>>>(
+            in.mask.const_data_ptr<scalar_t>(), in.rows, converted, p.workspace);
+      });
+      p.mask = converted;
+    } else {
+      mask_sum_kernel<acc_t, acc_t><<<mask_grid, kThreads, 0, stream>>>(p.mask, in.rows, nullptr,
+                                                                        p.workspace);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   launch_forward<scalar_t, grad_t>(p, has_prev, has_raw, stream);
@@ -606,8 +636,8 @@ ForwardOutputs temporal_loss_forward_cuda(const at::Tensor& pred, const at::Tens
   const c10::cuda::CUDAGuard guard(pred.device());
   const LossInputs in = prepare_inputs(pred, target, prev, raw, continuity, column_weights, weights,
                                        grad_pred, grad_target, grad_raw);
-  ForwardOutputs outs = allocate_outputs(in, pred);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  ForwardOutputs outs = allocate_outputs(in, pred);
   switch (in.pred.scalar_type()) {
     case at::kFloat: run_forward<float>(in, outs, stream); break;
     case at::kDouble: run_forward<double>(in, outs, stream); break;
