@@ -11,7 +11,7 @@ its gradients in one fused C++/CUDA pass.
 """
 
 from . import _ops  # loads the compiled operators first
-from . import reference
+from . import blendshapes, reference
 from .functional import temporal_loss
 from .modules import FusedKoeMorphLoss
 from .terms import EXPRESSION_INDICES, MOUTH_INDICES, TERM_NAMES, LossOutput
@@ -30,6 +30,7 @@ __all__ = [
     "LossWeights",
     "MOUTH_INDICES",
     "TERM_NAMES",
+    "blendshapes",
     "reference",
     "temporal_loss",
     "ConfigError",
