@@ -16,7 +16,7 @@ from .functional import temporal_loss
 from .modules import FusedKoeMorphLoss
 from .terms import EXPRESSION_INDICES, MOUTH_INDICES, TERM_NAMES, LossOutput
 from .weights import LossWeights
-from .config import ConfigError, load_loss_weights
+from .config import ConfigError, LossConfig, load_loss_config, load_loss_weights
 from .continuity import continuity_mask
 from .monitor import LossMonitor
 from .schedule import Phase, TrainingSchedule
@@ -34,9 +34,11 @@ __all__ = [
     "reference",
     "temporal_loss",
     "ConfigError",
+    "LossConfig",
     "LossMonitor",
     "Phase",
     "TrainingSchedule",
     "continuity_mask",
+    "load_loss_config",
     "load_loss_weights",
 ]
