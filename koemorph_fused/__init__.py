@@ -19,6 +19,7 @@ from .weights import LossWeights
 from .config import ConfigError, LossConfig, load_loss_config, load_loss_weights
 from .continuity import continuity_mask
 from .monitor import LossMonitor
+from .plot import plot_run
 from .schedule import Phase, TrainingSchedule
 
 __version__ = "0.1.0"
@@ -41,4 +42,5 @@ __all__ = [
     "continuity_mask",
     "load_loss_config",
     "load_loss_weights",
+    "plot_run",
 ]
