@@ -147,16 +147,31 @@ def _key(name: str) -> str:
     return key
 
 
-def _layout_names(layout: Any) -> tuple[str, tuple[str, ...]]:
-    """(description for messages, column names) of a layout argument."""
+def _index(columns: Sequence[str]) -> dict[str, int]:
+    """Matching key -> column number (in column order); duplicate keys are an error."""
+    index: dict[str, int] = {}
+    for i, c in enumerate(columns):
+        j = index.setdefault(_key(c), i)
+        if j != i:
+            raise ValueError(f"layout: columns {j} ({columns[j]!r}) and {i} ({c!r}) have the same name")
+    return index
+
+
+#: Key -> column number of each named layout (computed once, at import).
+_LAYOUT_INDEX: dict[str, dict[str, int]] = {name: _index(order) for name, order in LAYOUTS.items()}
+
+
+def _layout_names(layout: Any) -> tuple[str, tuple[str, ...], dict[str, int]]:
+    """(description for messages, column names, key -> column number) of a layout argument."""
     if isinstance(layout, str):
-        order = LAYOUTS.get(layout) or LAYOUTS.get(layout.casefold().replace("-", "_"))
+        name = layout if layout in LAYOUTS else layout.casefold().replace("-", "_")
+        order = LAYOUTS.get(name)
         if order is None:
             close = difflib.get_close_matches(layout.casefold(), LAYOUTS, n=1, cutoff=0.5)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"unknown layout {layout!r}{hint}; known layouts: {', '.join(LAYOUTS)}, or pass "
                              "the data's column names (a sequence of strings)")
-        return f"layout {layout!r}", order
+        return f"layout {layout!r}", order, _LAYOUT_INDEX[name]
     if isinstance(layout, Sequence) and not isinstance(layout, (bytes, bytearray)):
         columns = tuple(layout)
         if not columns:
@@ -164,12 +179,7 @@ def _layout_names(layout: Any) -> tuple[str, tuple[str, ...]]:
         bad = [c for c in columns if not isinstance(c, str)]
         if bad:
             raise TypeError(f"layout: column names must be strings, got {type(bad[0]).__name__} {bad[0]!r}")
-        seen: dict[str, int] = {}
-        for i, c in enumerate(columns):
-            j = seen.setdefault(_key(c), i)
-            if j != i:
-                raise ValueError(f"layout: columns {j} ({columns[j]!r}) and {i} ({c!r}) have the same name")
-        return f"the given {len(columns)}-column layout", columns
+        return f"the given {len(columns)}-column layout", columns, _index(columns)
     raise TypeError(f"layout must be one of {', '.join(map(repr, LAYOUTS))} or a sequence of column names, "
                     f"got {type(layout).__name__}")
 
@@ -198,17 +208,21 @@ def _suggest(pattern: str, columns: tuple[str, ...]) -> str:
 
 
 def _match(patterns: tuple[Any, ...], layout_arg: Any, argument: str) -> tuple[int, ...]:
-    where, columns = _layout_names(layout_arg)
-    keys = [_key(c) for c in columns]
+    where, columns, index = _layout_names(layout_arg)
     selected: set[int] = set()
     for pattern in patterns:
         if not isinstance(pattern, str):
             raise TypeError(f"{argument}: names and patterns must be strings, got {type(pattern).__name__} "
                             f"{pattern!r}")
         pat = _key(pattern)
-        hits = [i for i, k in enumerate(keys) if fnmatch.fnmatchcase(k, pat)]
+        glob = _GLOB.search(pat) is not None
+        if glob:
+            match = re.compile(fnmatch.translate(pat)).match
+            hits = [i for k, i in index.items() if match(k)]
+        else:
+            hits = [index[pat]] if pat in index else []
         if not hits:
-            what = "pattern" if _GLOB.search(pattern) else "name"
+            what = "pattern" if glob else "name"
             raise ValueError(f"{argument}: {what} {pattern!r} matches no column of {where}"
                              f"{_suggest(pattern, columns)}")
         selected.update(hits)
@@ -244,7 +258,7 @@ def names(columns: Any, layout: Layout) -> tuple[str, ...]:
     >>> names([17, -1], layout="arkit")
     ('jawOpen', 'tongueOut')
     """
-    where, order = _layout_names(layout)
+    where, order, _ = _layout_names(layout)
     out = []
     for i in columns:
         if isinstance(i, bool) or not isinstance(i, numbers.Integral):
@@ -259,11 +273,12 @@ def resolve(spec: Any, layout: Optional[Layout] = None, *, argument: str = "indi
     """What the loss does with a ``mouth_indices`` / ``expression_indices``
     argument before validating it: names and patterns become column numbers.
 
-    * A string, or a list or tuple of strings: names or patterns, resolved
-      in ``layout`` with :func:`indices` (a set: each column once, ascending).
-      ``layout`` is then required.
+    * A string, or a list or tuple that starts with a string: names or
+      patterns, resolved in ``layout`` with :func:`indices` (a set: each
+      column once, ascending). ``layout`` is then required.
     * Anything else (ints, a range, an integer tensor) is positional and is
-      returned unchanged, for the loss's own index checks.
+      returned unchanged, for the loss's own index checks (which reject a
+      string later in a list of ints).
 
     Raises:
         ValueError: names without a layout, or see :func:`indices`.
@@ -271,7 +286,7 @@ def resolve(spec: Any, layout: Optional[Layout] = None, *, argument: str = "indi
     """
     if isinstance(spec, str):
         patterns: tuple[Any, ...] = (spec,)
-    elif isinstance(spec, (list, tuple)) and any(isinstance(item, str) for item in spec):
+    elif isinstance(spec, (list, tuple)) and spec and isinstance(spec[0], str):
         patterns = tuple(spec)
         mixed = [item for item in patterns if not isinstance(item, str)]
         if mixed:

@@ -47,6 +47,10 @@ def temporal_loss(
             Column numbers (the defaults are the seed's positions 12..21 and
             0..9, whatever the data's order), or blend-shape names and glob
             patterns such as ``("jaw*", "mouth*")``, which need ``layout``.
+            Names are looked up on every call (tens of microseconds); in a
+            hot loop pass ``kf.blendshapes.indices(..., layout=...)`` computed
+            once, or use :class:`FusedKoeMorphLoss`, which resolves them when
+            it is built.
         layout: the data's column order for names: ``"arkit"``,
             ``"koemorph"``, ``"live_link_face"``, ``"alphabetical"`` or the
             column names (see :mod:`koemorph_fused.blendshapes`).

@@ -247,6 +247,8 @@ def test_loss_rejects_bad_names_the_same_way(fn):
         fn(pred, target, mouth_indices="jaw*", layout="ARKit2")
     with pytest.raises(TypeError, match="mouth_indices mixes names"):
         fn(pred, target, mouth_indices=["jaw*", 3], layout="arkit")
+    with pytest.raises(TypeError, match="mouth_indices must contain ints, got str 'jaw\\*'"):
+        fn(pred, target, mouth_indices=[3, "jaw*"], layout="arkit")
     # positional groups ignore the layout (a valid one), and a named group still
     # has to fit the data: a 52-name layout on 20 columns is an index error
     with pytest.raises(ValueError, match="mouth_indices holds index 40"):
