@@ -11,14 +11,15 @@ its gradients in one fused C++/CUDA pass.
 """
 
 from . import _ops  # loads the compiled operators first
-from . import reference
+from . import blendshapes, reference
 from .functional import temporal_loss
 from .modules import FusedKoeMorphLoss
 from .terms import EXPRESSION_INDICES, MOUTH_INDICES, TERM_NAMES, LossOutput
 from .weights import LossWeights
-from .config import ConfigError, load_loss_weights
+from .config import ConfigError, LossConfig, load_loss_config, load_loss_weights
 from .continuity import continuity_mask
 from .monitor import LossMonitor
+from .plot import plot_run
 from .schedule import Phase, TrainingSchedule
 
 __version__ = "0.1.0"
@@ -30,12 +31,16 @@ __all__ = [
     "LossWeights",
     "MOUTH_INDICES",
     "TERM_NAMES",
+    "blendshapes",
     "reference",
     "temporal_loss",
     "ConfigError",
+    "LossConfig",
     "LossMonitor",
     "Phase",
     "TrainingSchedule",
     "continuity_mask",
+    "load_loss_config",
     "load_loss_weights",
+    "plot_run",
 ]

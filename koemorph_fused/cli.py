@@ -4,6 +4,7 @@
     koemorph-fused check    fused loss against the reference on every device
     koemorph-fused bench    fused vs eager vs torch.compile timings
     koemorph-fused demo     train a small temporal model with the fused loss
+    koemorph-fused plot     per-term loss curves of a LossMonitor run CSV
 
 Each subcommand lives in its own module, which supplies
 ``add_arguments(parser)`` and ``main(args) -> exit code``; they are imported
@@ -22,13 +23,14 @@ SUBCOMMANDS = {
     "check": ("koemorph_fused.check", "compare the fused loss with the plain-PyTorch reference on every device"),
     "demo": ("koemorph_fused.demo", "train a small temporal model with the fused loss and with the reference"),
     "bench": ("koemorph_fused.benchmark", "time fused vs eager vs torch.compile, with copy bandwidth and autograd floor"),
+    "plot": ("koemorph_fused.plot", "draw the per-term loss curves of a LossMonitor run CSV (phases, strides, flags)"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="koemorph-fused",
-        description="The fused five-term KoeMorph temporal loss: checks, benchmarks and a training demo.",
+        description="The fused five-term KoeMorph temporal loss: checks, benchmarks, a training demo and run plots.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():

@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from .blendshapes import Layout, resolve
 from .functional import Continuity, fused_temporal_loss, temporal_loss
 from .terms import EXPRESSION_INDICES, MOUTH_INDICES, LossOutput
 from .weights import LossWeights, resolve_weights
@@ -33,11 +34,13 @@ class KoeMorphLossModule(nn.Module):
         smoothing_weight: float = 0.1,
         mouth_indices: Sequence[int] = MOUTH_INDICES,
         expression_indices: Sequence[int] = EXPRESSION_INDICES,
+        layout: Optional[Layout] = None,
     ) -> None:
         super().__init__()
         self.weights = LossWeights(mse_weight, l1_weight, perceptual_weight, temporal_weight, smoothing_weight)
-        self.mouth_indices = tuple(mouth_indices)
-        self.expression_indices = tuple(expression_indices)
+        # Names and patterns (with layout=) become column numbers here, once.
+        self.mouth_indices = tuple(resolve(mouth_indices, layout, argument="mouth_indices"))
+        self.expression_indices = tuple(resolve(expression_indices, layout, argument="expression_indices"))
         #: The five unweighted terms of the last call, detached (None before the first call).
         self.last_terms: Optional[torch.Tensor] = None
 
@@ -96,6 +99,10 @@ class FusedKoeMorphLoss(KoeMorphLossModule):
     >>> loss_fn = FusedKoeMorphLoss()
     >>> loss = loss_fn(pred, target_seq[:, -1, :], prev=prev, raw=raw, continuity=same_file)  # doctest: +SKIP
     >>> loss.backward()  # doctest: +SKIP
+
+    The perceptual groups can be named, in the data's column order:
+    ``FusedKoeMorphLoss(mouth_indices=("jaw*", "mouth*"), expression_indices=("brow*", "eye*"),
+    layout="live_link_face")`` (see :mod:`koemorph_fused.blendshapes`).
     """
 
     _loss_function = staticmethod(temporal_loss)

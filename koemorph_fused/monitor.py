@@ -12,6 +12,17 @@ tensors instead and reads all pending steps back with one copy per device in
 >>> row = mon.flush()[0]
 >>> round(row["total"], 6), row["stride"], row["flags"]
 (0.55, 32, [])
+
+With ``tensorboard=`` (a log directory or a ``SummaryWriter``) and ``csv=`` (a
+file), every flush also writes its rows there (see :mod:`koemorph_fused.run_log`),
+and ``koemorph-fused plot run.csv`` (or :func:`koemorph_fused.plot.plot_run`)
+draws the curves::
+
+    with kf.LossMonitor(tensorboard="runs/exp1", csv="runs/exp1.csv") as mon:
+        ...
+        mon.record(out, stride=phase.stride, phase=phase)
+        ...
+        rows = mon.flush()          # also written to runs/exp1 and runs/exp1.csv
 """
 
 from __future__ import annotations
@@ -22,10 +33,8 @@ from typing import Any, Optional, Union
 
 import torch
 
+from .run_log import FLAGS, CsvLog, TensorBoardLog
 from .terms import TERM_NAMES, LossOutput
-
-#: Flag names that can appear in a row's ``"flags"``.
-FLAGS = ("nonfinite", "divergence", "outside_expected", "temporal_jump")
 #: Decay of the moving average of the temporal term that ``"temporal_jump"`` compares against.
 TEMPORAL_BASELINE_DECAY = 0.9
 
@@ -72,6 +81,16 @@ class LossMonitor:
             earlier steps that were not file transitions and had a nonzero
             temporal term) is flagged ``"temporal_jump"``; never at a file
             transition, where the seed calls a jump normal. None disables it.
+        tensorboard: a log directory or a ``torch.utils.tensorboard.SummaryWriter``:
+            :meth:`flush` adds every row's scalars there (``loss/<term>``,
+            ``loss/total``, ``schedule/stride``, ``flags/<flag>``, ...; needs
+            the optional ``tensorboard`` package).
+        csv: a file path (appended to) or an open text file: :meth:`flush`
+            appends every row (columns :data:`koemorph_fused.run_log.CSV_COLUMNS`).
+
+    What the monitor opens (a writer for a directory, a file for a path) is
+    closed by :meth:`close` or at the end of a ``with`` block; what it is given
+    open is left open.
 
     A row (a dict) holds the five terms (:data:`~koemorph_fused.TERM_NAMES`),
     ``"total"``, ``"step"`` (0, 1, ... over the monitor's life), ``"stride"``,
@@ -85,7 +104,14 @@ class LossMonitor:
     * ``"temporal_jump"``: see ``temporal_jump_factor``.
     """
 
-    def __init__(self, divergence_threshold: float = 1.0, temporal_jump_factor: Optional[float] = 4.0) -> None:
+    def __init__(
+        self,
+        divergence_threshold: float = 1.0,
+        temporal_jump_factor: Optional[float] = 4.0,
+        *,
+        tensorboard: Any = None,
+        csv: Any = None,
+    ) -> None:
         if isinstance(divergence_threshold, bool) or not isinstance(divergence_threshold, numbers.Real):
             raise TypeError(f"divergence_threshold must be a real number, got {type(divergence_threshold).__name__}")
         if temporal_jump_factor is not None:
@@ -100,6 +126,28 @@ class LossMonitor:
         self._step = 0
         # Moving average of the temporal term over earlier steps (host side, updated in flush).
         self._temporal_baseline: Optional[float] = None
+        self._logs: list[Any] = []
+        try:
+            if csv is not None:
+                self._logs.append(CsvLog(csv))
+            if tensorboard is not None:
+                self._logs.append(TensorBoardLog(tensorboard))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Close the CSV file and TensorBoard writer the monitor opened (pending
+        records are not flushed: call :meth:`flush` first)."""
+        for log in self._logs:
+            log.close()
+        self._logs = []
+
+    def __enter__(self) -> "LossMonitor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def __len__(self) -> int:
         """Number of records waiting for :meth:`flush`."""
@@ -163,7 +211,8 @@ class LossMonitor:
         self._step += 1
 
     def flush(self) -> list[dict[str, Any]]:
-        """Rows for every pending record, oldest first; clears them.
+        """Rows for every pending record, oldest first; clears them, and writes
+        them to the monitor's CSV file and TensorBoard writer, if any.
 
         Reads everything back with one device-to-host copy per device (one
         synchronisation when training on one device)."""
@@ -186,7 +235,10 @@ class LossMonitor:
             host = torch.stack(rows).tolist()  # the one synchronisation for this device
             for i, v in zip(idx, host):
                 values[i] = v
-        return [self._row(rec, vals) for rec, vals in zip(pending, values)]
+        rows = [self._row(rec, vals) for rec, vals in zip(pending, values)]
+        for log in self._logs:
+            log.write(rows)
+        return rows
 
     def _row(self, rec: dict[str, Any], vals: list[float]) -> dict[str, Any]:
         n = len(TERM_NAMES)

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .blendshapes import Layout, resolve
 from ._validation import check_inputs, normalize_indices
 from .functional import Continuity, Weights
 from .modules import KoeMorphLossModule
@@ -33,10 +34,13 @@ def temporal_loss(
     weights: Weights = DEFAULT,
     mouth_indices: Sequence[int] = MOUTH_INDICES,
     expression_indices: Sequence[int] = EXPRESSION_INDICES,
+    layout: Optional[Layout] = None,
 ) -> LossOutput:
     """Reference implementation of :func:`koemorph_fused.temporal_loss` (same
     arguments and result)."""
     w = resolve_weights(weights)
+    mouth_indices = resolve(mouth_indices, layout, argument="mouth_indices")
+    expression_indices = resolve(expression_indices, layout, argument="expression_indices")
     pred, target, prev, raw, mask = check_inputs(pred, target, prev, raw, continuity)
     cols = pred.shape[-1]
     mouth = normalize_indices("mouth_indices", mouth_indices, cols)

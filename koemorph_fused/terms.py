@@ -1,4 +1,4 @@
-"""Names of the five loss terms, the default ARKit index groups, and the
+"""Names of the five loss terms, the seed's positional column groups, and the
 result type of :func:`koemorph_fused.temporal_loss`."""
 
 from __future__ import annotations
@@ -10,10 +10,20 @@ import torch
 #: Order of the unweighted terms in ``LossOutput.terms`` (and of the weights).
 TERM_NAMES: tuple[str, ...] = ("mse", "l1", "perceptual", "temporal", "smoothing")
 
-#: ARKit mouth / jaw blendshapes driven by the mel stream (jawOpen, mouth*): columns 12..21.
+#: The seed's "mouth" group (the mel stream's columns): columns 12..21 by
+#: position, whatever the data's column order. In the ARKit / KoeMorph order
+#: these are eyeSquintRight, eyeWideRight, jawForward, jawLeft, jawRight,
+#: jawOpen, mouthClose, mouthFunnel, mouthPucker, mouthLeft (Live Link Face:
+#: jawRight, jawLeft and mouthRight instead); to weight the jaw and mouth shapes
+#: by name, pass ``mouth_indices=("jaw*", "mouth*"), layout=...`` (see
+#: :mod:`koemorph_fused.blendshapes`).
 MOUTH_INDICES: tuple[int, ...] = tuple(range(12, 22))
 
-#: ARKit brow / eye blendshapes driven by the emotion stream: columns 0..9.
+#: The seed's "expression" group (the emotion stream's columns): columns 0..9
+#: by position. In the ARKit, KoeMorph and Live Link Face orders these are ten
+#: eye shapes (eyeBlinkLeft ... eyeWideLeft, eyeBlinkRight, eyeLookDownRight,
+#: eyeLookInRight), no brows; by name: ``expression_indices=("brow*", "eye*",
+#: "cheek*", "nose*"), layout=...``.
 EXPRESSION_INDICES: tuple[int, ...] = tuple(range(0, 10))
 
 

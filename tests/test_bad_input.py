@@ -43,7 +43,8 @@ CASES = [
     ("string weight", dict(weights={"smoothing_weight": "0.1"}), TypeError, ["smoothing"]),
     ("unknown weight key", dict(weights={"mse": 1.0}), ValueError, ["mse", "unknown"]),
     ("weights a list", dict(weights=[1, 0.1, 0.5, 0.2, 0.1]), TypeError, ["weights"]),
-    ("indices a string", dict(mouth_indices="12"), TypeError, ["mouth_indices", "str"]),
+    ("names without a layout", dict(mouth_indices="jawOpen"), ValueError, ["mouth_indices", "layout="]),
+    ("names mixed with numbers", dict(mouth_indices=["jawOpen", 3], layout="arkit"), TypeError, ["mouth_indices"]),
     # On the meta device the dispatcher would run the fake kernel: uninitialized "terms".
     ("continuity on meta", dict(prev=rand((4, 52)), continuity=torch.ones(4, device="meta")), ValueError,
      ["continuity", "meta"]),

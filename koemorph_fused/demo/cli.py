@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(TOLERANCES), default=d.dtype,
                         help="model and data dtype (default float32; float64 shows agreement to ~1e-15)")
     parser.add_argument("--config", metavar="FILE.yaml",
-                        help="take the base loss weights from this config's 'loss:' section; the schedule's "
+                        help="take the base loss weights from this config's loss section ('loss:', "
+                             "'training.loss:' or 'model.loss:', following a Hydra defaults list); the schedule's "
                              "sparse and dense presets are rescaled term by term by config/default "
                              "(TrainingSchedule.from_base)")
     parser.add_argument("--plot", metavar="FILE.png", help="save the term curves of both runs to this image")

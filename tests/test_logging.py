@@ -1,0 +1,247 @@
+"""LossMonitor's TensorBoard and CSV output, and the run plot (function and `koemorph-fused plot`)."""
+
+import io
+import math
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import koemorph_fused as kf
+from koemorph_fused import cli
+from koemorph_fused.plot import plot_run
+from koemorph_fused.run_log import CSV_COLUMNS, read_csv
+
+tensorboard = pytest.importorskip("tensorboard", reason="tensorboard is an optional dependency")
+
+
+def _record_run(mon, epochs=8, steps=5):
+    """A small run through the schedule: phase changes, stride changes, a divergent
+    step, a NaN step, a temporal jump and file transitions. Returns the flushed rows."""
+    schedule = kf.TrainingSchedule(total_epochs=epochs)
+    rows = []
+    for epoch in range(epochs):
+        phase = schedule.at(epoch)
+        for s in range(steps):
+            base = 0.1 / (1 + epoch * steps + s)
+            terms = [base, 2 * base, 1.5 * base, (8.0 if (epoch, s) == (5, 3) else 0.5) * base, 0.2 * base]
+            total = 1.7 if (epoch, s) == (2, 1) else (math.nan if (epoch, s) == (4, 2) else sum(terms))
+            mon.record(kf.LossOutput(torch.tensor(total, dtype=torch.float64), torch.tensor(terms, dtype=torch.float64)),
+                       stride=phase.stride, phase=phase, file_transition=s == 0)
+        rows += mon.flush()
+    return rows
+
+
+def _same(a, b):
+    return (math.isnan(a) and math.isnan(b)) if isinstance(a, float) and math.isnan(a) else a == b
+
+
+def test_tensorboard_event_files_read_back(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logdir = tmp_path / "tb"
+    with kf.LossMonitor(tensorboard=logdir) as mon:
+        rows = _record_run(mon)
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(logdir))
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    expected_tags = {f"loss/{k}" for k in (*kf.TERM_NAMES, "total")} | {"schedule/stride", "schedule/epoch",
+                                                                         "data/file_transition"} \
+        | {f"flags/{f}" for f in kf.monitor.FLAGS}
+    assert expected_tags <= tags
+    for key in (*kf.TERM_NAMES, "total"):
+        events = acc.Scalars(f"loss/{key}")
+        assert [e.step for e in events] == [r["step"] for r in rows]
+        for e, r in zip(events, rows):  # TensorBoard stores float32
+            assert (math.isnan(e.value) and math.isnan(r[key])) or e.value == pytest.approx(r[key], rel=1e-6)
+    assert [e.value for e in acc.Scalars("schedule/stride")] == [r["stride"] for r in rows]
+    for flag in kf.monitor.FLAGS:
+        flagged = [e.step for e in acc.Scalars(f"flags/{flag}") if e.value == 1.0]
+        assert flagged == [r["step"] for r in rows if flag in r["flags"]]
+    assert [e.step for e in acc.Scalars("flags/divergence") if e.value] == [11]
+    assert [e.step for e in acc.Scalars("flags/nonfinite") if e.value] == [22]
+    assert [e.step for e in acc.Scalars("data/file_transition") if e.value] == list(range(0, 40, 5))
+    phases = acc.Tensors("schedule/phase/text_summary")  # add_text's tag
+    changes = [rows[0]] + [r for a, r in zip(rows, rows[1:]) if a["phase"] != r["phase"]]
+    assert [p.step for p in phases] == [r["step"] for r in changes]
+    assert [p.tensor_proto.string_val[0].decode() for p in phases] == [r["phase"] for r in changes] \
+        == ["early", "mid", "late"]
+
+
+def test_a_given_summary_writer_is_used_and_left_open(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(tmp_path))
+    with kf.LossMonitor(tensorboard=writer) as mon:
+        mon.record(kf.temporal_loss(torch.full((2, 52), 0.5), torch.zeros(2, 52)), stride=4)
+        mon.flush()
+    writer.add_scalar("mine", 1.0, 0)  # still open after the monitor closed
+    writer.close()
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert acc.Scalars("loss/total")[0].value == pytest.approx(0.55, rel=1e-6)
+    assert acc.Scalars("mine")[0].value == 1.0
+
+
+def test_csv_round_trip_and_append(tmp_path):
+    path = tmp_path / "run.csv"
+    with kf.LossMonitor(csv=path) as mon:
+        rows = _record_run(mon, epochs=4)
+    text = path.read_text()
+    assert text.splitlines()[0] == ",".join(CSV_COLUMNS) and text.count("step,epoch") == 1
+    back = read_csv(path)
+    assert len(back) == len(rows)
+    for a, b in zip(back, rows):
+        assert a.keys() == {*CSV_COLUMNS} and all(_same(a[k], b[k]) for k in CSV_COLUMNS), (a, b)
+    # A second monitor appends (one header) and continues the file.
+    with kf.LossMonitor(csv=str(path)) as mon:
+        mon.record(kf.temporal_loss(torch.full((2, 52), 0.5), torch.zeros(2, 52)))
+        mon.flush()
+    back = read_csv(path)
+    assert len(back) == len(rows) + 1 and path.read_text().count("step,epoch") == 1
+    assert back[-1]["stride"] is None and back[-1]["phase"] is None and back[-1]["flags"] == []
+
+
+def test_csv_to_an_open_stream_is_left_open():
+    stream = io.StringIO()
+    mon = kf.LossMonitor(csv=stream)
+    mon.record(kf.temporal_loss(torch.full((2, 52), 0.5), torch.zeros(2, 52)), stride=2)
+    mon.flush()
+    mon.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == ",".join(CSV_COLUMNS) and lines[1].startswith("0,,,2,0,")
+
+
+def test_csv_refuses_a_file_that_is_not_a_run(tmp_path):
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match=r"other\.csv: exists and is not a LossMonitor run CSV"):
+        kf.LossMonitor(csv=other)
+    with pytest.raises(ValueError, match=r"other\.csv: not a LossMonitor run CSV"):
+        read_csv(other)
+    assert other.read_text() == "a,b\n1,2\n"
+
+
+def test_bad_log_targets(tmp_path, monkeypatch):
+    with pytest.raises(TypeError, match="csv must be a path or an open text file"):
+        kf.LossMonitor(csv=3)
+    with pytest.raises(TypeError, match="tensorboard must be a log directory"):
+        kf.LossMonitor(tensorboard=3)
+    with pytest.raises(OSError, match="cannot open run CSV"):
+        kf.LossMonitor(csv=tmp_path / "missing_dir" / "run.csv")
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        kf.LossMonitor(tensorboard=tmp_path / "tb")
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def _vertical_lines(ax):
+    return sorted({line.get_xdata()[0] for line in ax.lines
+                   if len(line.get_xdata()) == 2 and line.get_xdata()[0] == line.get_xdata()[1]})
+
+
+def test_plot_run_marks_phases_strides_and_flags(tmp_path):
+    mon = kf.LossMonitor()
+    rows = _record_run(mon)
+    out = tmp_path / "curves.png"
+    fig = plot_run(rows, out, size=(900, 600))
+    assert _png_size(out) == (900, 600) and out.stat().st_size > 20_000
+    top, bottom = fig.axes
+    phase_steps = [b["step"] for a, b in zip(rows, rows[1:]) if a["phase"] != b["phase"]]
+    stride_steps = [b["step"] for a, b in zip(rows, rows[1:]) if a["stride"] != b["stride"]]
+    assert phase_steps and set(stride_steps) - set(phase_steps)  # the run has both kinds
+    assert _vertical_lines(top) == _vertical_lines(bottom) == sorted(set(phase_steps) | set(stride_steps))
+    labels = {t.get_text() for t in top.texts}
+    assert {"early", "mid", "late"} <= labels
+    legend = [t.get_text() for t in top.get_legend().get_texts()]
+    assert {"divergence (1)", "nonfinite (1)", "temporal_jump (1)"} <= set(legend)
+    assert set(kf.TERM_NAMES) | {"total"} <= set(legend)
+    assert top.get_yscale() == "log"
+
+
+def test_plot_run_from_csv_equals_from_rows(tmp_path):
+    path = tmp_path / "run.csv"
+    with kf.LossMonitor(csv=path) as mon:
+        rows = _record_run(mon, epochs=4)
+    a = plot_run(path, tmp_path / "a.png")
+    b = plot_run(rows, tmp_path / "b.png", title="run.csv")
+    assert _png_size(tmp_path / "a.png") == (1200, 800)
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert a._suptitle.get_text() == "run.csv"
+
+
+def test_plot_run_bad_arguments():
+    with pytest.raises(ValueError, match="no rows"):
+        plot_run([])
+    row = {"step": 0, "mse": 1.0, "l1": 1.0, "perceptual": 1.0, "temporal": 1.0, "smoothing": 1.0, "total": 1.0}
+    with pytest.raises(ValueError, match="size"):
+        plot_run([row], size=(50, 50))
+    with pytest.raises(ValueError, match="dpi"):
+        plot_run([row], dpi=0)
+
+
+# --- koemorph-fused plot --------------------------------------------------------------------------
+
+@pytest.fixture()
+def run_csv(tmp_path):
+    path = tmp_path / "run.csv"
+    with kf.LossMonitor(csv=path) as mon:
+        _record_run(mon, epochs=4)
+    return path
+
+
+def test_plot_is_registered():
+    assert cli.SUBCOMMANDS["plot"][0] == "koemorph_fused.plot"
+
+
+def test_cli_plot_writes_the_image(run_csv, tmp_path, capsys):
+    out = tmp_path / "curves.png"
+    assert cli.main(["plot", str(run_csv), "-o", str(out), "--size", "800x500"]) == 0
+    assert _png_size(out) == (800, 500)
+    assert "20 steps (0..19)" in capsys.readouterr().out
+    assert cli.main(["plot", str(run_csv)]) == 0  # default: run.png beside the CSV
+    assert _png_size(run_csv.with_suffix(".png")) == (1200, 800)
+
+
+@pytest.mark.parametrize("make, word", [
+    (lambda d, run: ["plot", str(d / "missing.csv")], "missing.csv: no such file"),
+    (lambda d, run: ["plot", str(d)], "not a file"),
+    (lambda d, run: ["plot", str(run), "-o", str(d / "nodir" / "x.png")], "does not exist"),
+    (lambda d, run: ["plot", str(run), "-o", str(d / "x.bmpx")], "unknown image format 'bmpx'"),
+])
+def test_cli_plot_usage_errors(run_csv, tmp_path, capsys, make, word):
+    assert cli.main(make(tmp_path, run_csv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("koemorph-fused: error: ") and word in err and err.count("\n") == 1
+
+
+def test_cli_plot_rejects_other_and_empty_csv(tmp_path, capsys):
+    other = tmp_path / "other.csv"
+    other.write_text("x,y\n1,2\n")
+    assert cli.main(["plot", str(other)]) == 2
+    assert "not a LossMonitor run CSV" in capsys.readouterr().err
+    empty = tmp_path / "empty.csv"
+    kf.LossMonitor(csv=empty).close()  # header only
+    assert cli.main(["plot", str(empty)]) == 2
+    assert "has no rows yet" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        cli.main(["plot", str(other), "--size", "big"])
+    assert info.value.code == 2 and "WIDTHxHEIGHT" in capsys.readouterr().err
+
+
+def test_cli_plot_bad_path_in_a_subprocess(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "koemorph_fused", "plot", str(tmp_path / "nope.csv")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"koemorph-fused: error: {tmp_path / 'nope.csv'}: no such file"]
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
