@@ -553,6 +553,36 @@ void launch_forward(const ForwardParams<scalar_t, grad_t>& p, bool has_prev, boo
   launch_forward_v<scalar_t, grad_t, 1>(p, has_prev, has_raw, stream);
 }
 
+template <typename acc_t, typename mask_t>
+void launch_mask_sum(const at::Tensor& mask, int64_t rows, acc_t* converted, double* workspace,
+                     int grid, cudaStream_t stream) {
+  mask_sum_kernel<acc_t, mask_t>
+      <<<grid, kThreads, 0, stream>>>(mask.const_data_ptr<mask_t>(), rows, converted, workspace);
+}
+
+// The mask pre-kernel for a mask of another dtype than acc_t (bool, integers,
+// the other floating types), which it converts into `converted`.
+template <typename acc_t>
+void launch_converting_mask_sum(const at::Tensor& mask, int64_t rows, acc_t* converted,
+                                double* workspace, int grid, cudaStream_t stream) {
+  switch (mask.scalar_type()) {
+    case at::kBool: return launch_mask_sum<acc_t, bool>(mask, rows, converted, workspace, grid, stream);
+    case at::kByte: return launch_mask_sum<acc_t, uint8_t>(mask, rows, converted, workspace, grid, stream);
+    case at::kChar: return launch_mask_sum<acc_t, int8_t>(mask, rows, converted, workspace, grid, stream);
+    case at::kShort: return launch_mask_sum<acc_t, int16_t>(mask, rows, converted, workspace, grid, stream);
+    case at::kInt: return launch_mask_sum<acc_t, int32_t>(mask, rows, converted, workspace, grid, stream);
+    case at::kLong: return launch_mask_sum<acc_t, int64_t>(mask, rows, converted, workspace, grid, stream);
+    case at::kHalf: return launch_mask_sum<acc_t, c10::Half>(mask, rows, converted, workspace, grid, stream);
+    case at::kBFloat16:
+      return launch_mask_sum<acc_t, c10::BFloat16>(mask, rows, converted, workspace, grid, stream);
+    case at::kFloat: return launch_mask_sum<acc_t, float>(mask, rows, converted, workspace, grid, stream);
+    case at::kDouble: return launch_mask_sum<acc_t, double>(mask, rows, converted, workspace, grid, stream);
+    default:
+      TORCH_CHECK_TYPE(false, "continuity must be a bool, integer or floating tensor, got ",
+                       mask.scalar_type());
+  }
+}
+
 template <typename T>
 T* data_or_null(const at::Tensor& t) {
   return t.defined() && t.numel() > 0 ? static_cast<T*>(t.data_ptr()) : nullptr;
@@ -610,11 +640,7 @@ void run_forward(const LossInputs& in, ForwardOutputs& outs, cudaStream_t stream
     acc_t* converted =
         convert_mask ? reinterpret_cast<acc_t*>(p.workspace + kPartialsSlot + partials) : nullptr;
     if (convert_mask) {
-      AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, in.mask.scalar_type(),
-                                 "koemorph_fused_mask_sum", [&] {
-        mask_sum_kernel<acc_t, scalar_t><<<mask_grid, kThreads, 0, stream>>>(
-            in.mask.const_data_ptr<scalar_t>(), in.rows, converted, p.workspace);
-      });
+      launch_converting_mask_sum<acc_t>(in.mask, in.rows, converted, p.workspace, mask_grid, stream);
       p.mask = converted;
     } else {
       mask_sum_kernel<acc_t, acc_t><<<mask_grid, kThreads, 0, stream>>>(p.mask, in.rows, nullptr,
