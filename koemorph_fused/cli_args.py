@@ -150,10 +150,11 @@ def plot_file(text: str) -> str:
         raise argparse.ArgumentTypeError("needs matplotlib (pip install matplotlib)") from None
     formats: Sequence[str] = sorted(FigureCanvasBase.get_supported_filetypes())
     ext = os.path.splitext(text)[1].lower().lstrip(".")
+    if os.path.isdir(text) or ext in formats:
+        check_writable_file(text)  # a folder gets its own message
     if ext not in formats:
         raise argparse.ArgumentTypeError(
             f"cannot tell the image format of {text!r}: end the name with one of .{', .'.join(formats)}")
-    check_writable_file(text)
     return text
 
 
