@@ -7,6 +7,9 @@ sets (``ATEN_CPU_CAPABILITY``) x thread counts x dtypes.
 Each run is exactly ``koemorph-fused demo --seed S --dtype D --threads T``
 with the demo's default sizes (:func:`koemorph_fused.demo.demo_run`): training
 on the fused loss, the reference checking every step on the same outputs.
+Subprocesses get ``OMP_WAIT_POLICY=PASSIVE`` unless it is set: on a shared
+machine, spinning OpenMP threads slow 2-thread runs down ~10x (the numbers do
+not change).
 torch reads ``ATEN_CPU_CAPABILITY`` once, when it is imported, so every
 (instruction set, thread count) pair runs in a subprocess of its own with the
 variable set; inside it the dtypes and seeds run one after the other. On a CPU
@@ -137,6 +140,9 @@ def run_matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
             for threads in args.threads:
                 env = dict(os.environ, ATEN_CPU_CAPABILITY=isa,
                            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+                # Idle OpenMP threads sleep instead of spinning: on a busy machine spinning threads
+                # make 2-thread runs ~10x slower; which thread computes what (the numbers) is unchanged.
+                env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--seeds", seeds,
                        "--threads", str(threads), "--dtype", ",".join(args.dtype), "--no-progress"]
                 with tempfile.TemporaryFile("w+") as stderr:
