@@ -265,11 +265,10 @@ class StaleTemporalWeight(kf.FusedKoeMorphLoss):
 
     @kf.FusedKoeMorphLoss.weights.setter
     def weights(self, value):
-        w = kf.LossWeights.from_config(value.to_config()) if isinstance(value, kf.LossWeights) else value
-        stale = getattr(self, "_weights", None)
+        stale = getattr(self, "_weights", None)  # None while __init__ sets the first weights
         if stale is not None:
-            w = dataclasses.replace(w, temporal=stale.temporal)
-        kf.FusedKoeMorphLoss.weights.fset(self, w)
+            value = dataclasses.replace(value, temporal=stale.temporal)
+        kf.FusedKoeMorphLoss.weights.fset(self, value)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])

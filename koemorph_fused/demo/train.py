@@ -237,7 +237,7 @@ def train(
             prev, prev_file = pred.detach(), batch.file_index
             if on_step is not None:
                 on_step()
-        epoch_rows = monitor.flush()  # the one synchronisation of the epoch (with the checker's)
+        epoch_rows = monitor.flush()  # monitor and checker read back once per epoch
         checker.flush()
         rows.extend(epoch_rows)
         if on_epoch is not None:
