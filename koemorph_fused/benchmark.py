@@ -73,9 +73,11 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+
+from .cli_args import CommandLineError, csv_list, float_arg, int_arg, output_file, plot_file, thread_count
 
 COLS = 52
 BATCHES: tuple[int, ...] = (4, 64, 1024, 16384, 262144, 1048576)
@@ -855,27 +857,9 @@ def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
 # ------------------------------------------------------------------------------ CLI
 
 
-def _csv_list(kind: Callable[[str], Any], allowed: Optional[Iterable[Any]] = None) -> Callable[[str], list]:
-    allowed_l = list(allowed) if allowed is not None else None
-
-    def parse(text: str) -> list:
-        items = [kind(t.strip()) for t in text.split(",") if t.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError("expected a comma-separated, non-empty list")
-        if allowed_l is not None:
-            bad = [i for i in items if i not in allowed_l]
-            if bad:
-                raise argparse.ArgumentTypeError(f"unknown value(s) {bad}; choose from {allowed_l}")
-        return items
-
-    return parse
-
-
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return v
+#: Largest batch the command line accepts: 2**24 rows of 52 (fwdbwd keeps about
+#: ten such tensors alive: 35 GB in float32). The default list ends at 2**20.
+MAX_BATCH = 2**24
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -901,21 +885,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g = parser.add_argument_group("what to run (comma-separated lists)")
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default: cpu)")
-    g.add_argument("--dtype", type=_csv_list(str, DTYPES), default=None,
+    g.add_argument("--dtype", type=csv_list(str, DTYPES), default=None,
                    help=f"input dtypes (default: {','.join(DTYPES)})")
-    g.add_argument("--mode", type=_csv_list(str, MODES), default=None,
+    g.add_argument("--mode", type=csv_list(str, MODES), default=None,
                    help="fwd (forward under no_grad) and/or fwdbwd (zero grads + forward + backward) "
                         f"(default: {','.join(MODES)})")
-    g.add_argument("--batch", type=_csv_list(_positive_int), default=None,
-                   help=f"batch sizes B (rows of 52) (default: {','.join(map(str, BATCHES))})")
-    g.add_argument("--threads", type=_csv_list(_positive_int), default=None,
-                   help="CPU threads, torch.set_num_threads per case; on CUDA only the first value is used "
-                        f"(default: {','.join(map(str, THREADS))})")
-    g.add_argument("--providers", type=_csv_list(str, PROVIDERS), default=None,
+    g.add_argument("--batch", type=csv_list(int_arg(1, MAX_BATCH)), default=None,
+                   help=f"batch sizes B (rows of 52), 1..{MAX_BATCH} (default: {','.join(map(str, BATCHES))})")
+    g.add_argument("--threads", type=csv_list(thread_count), default=None,
+                   help="CPU threads, 1..the machine's CPUs, torch.set_num_threads per case; on CUDA only the "
+                        f"first value is used (default: {','.join(map(str, THREADS))})")
+    g.add_argument("--providers", type=csv_list(str, PROVIDERS), default=None,
                    help="fused = koemorph_fused.temporal_loss, eager = koemorph_fused.reference.temporal_loss, "
                         "compile = torch.compile(reference, dynamic=False) "
                         f"(default: {','.join(PROVIDERS)})")
-    g.add_argument("--baselines", type=_csv_list(str, ALL_BASELINES), default=None,
+    g.add_argument("--baselines", type=csv_list(str, ALL_BASELINES), default=None,
                    help="reference points timed in the same rounds: copy (same bytes, dst.copy_(src)), floor "
                         "(do-nothing autograd.Function whose backward returns preallocated zero gradients), "
                         "floor_none (its backward returns None), floor_clone (returns the preallocated tensors "
@@ -924,23 +908,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="a small subset for smoke tests: float32, B=4,1024, 1 thread, fused and eager, "
                         "3 rounds of >= 5 ms (explicit flags still override)")
     t = parser.add_argument_group("timing")
-    t.add_argument("--min-time", type=float, default=None, metavar="SECONDS",
-                   help="shortest timed block (one provider, one round); iterations per block are "
-                        f"calibrated to reach it (default: {DEFAULT_MIN_TIME})")
-    t.add_argument("--rounds", type=_positive_int, default=None, metavar="N",
-                   help=f"interleaved rounds; statistics are over rounds (default: {DEFAULT_ROUNDS})")
-    t.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+    t.add_argument("--min-time", type=float_arg(0.0, 3600.0, low_inclusive=False), default=None, metavar="SECONDS",
+                   help="shortest timed block (one provider, one round), > 0 and <= 3600; iterations per block "
+                        f"are calibrated to reach it (default: {DEFAULT_MIN_TIME})")
+    t.add_argument("--rounds", type=int_arg(1, 10_000), default=None, metavar="N",
+                   help=f"interleaved rounds, 1..10000; statistics are over rounds (default: {DEFAULT_ROUNDS})")
+    t.add_argument("--wait-idle", type=float_arg(0.0, 3600.0), default=0.0, metavar="SECONDS",
                    help="on a shared machine: before each round wait up to SECONDS for other processes to use "
                         "< 10%% of the CPUs, and redo a round during which they used more than --max-other-load "
                         "(default 0: off; the load of other processes is reported either way)")
-    t.add_argument("--max-other-load", type=float, default=25.0, metavar="PCT",
+    t.add_argument("--max-other-load", type=float_arg(0.0, 100.0), default=25.0, metavar="PCT",
                    help="with --wait-idle: redo rounds during which other processes used more than PCT %% "
                         "of the machine (default 25)")
     o = parser.add_argument_group("output")
-    o.add_argument("--json", metavar="FILE", help="write machine info, every provider row and the case summaries")
-    o.add_argument("--csv", metavar="FILE", help="write one row per case and provider (columns: "
+    o.add_argument("--json", type=output_file, metavar="FILE", help="write machine info, every provider row and the case summaries")
+    o.add_argument("--csv", type=output_file, metavar="FILE", help="write one row per case and provider (columns: "
                                                   + ", ".join(RESULT_COLUMNS) + ")")
-    o.add_argument("--plot", metavar="FILE.png", help="time vs B, log-log, one line per provider")
+    o.add_argument("--plot", type=plot_file, metavar="FILE.png", help="time vs B, log-log, one line per provider")
     o.add_argument("--markdown", action="store_true", help="print the table as Markdown too")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -1026,11 +1010,7 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
 def main(args: argparse.Namespace) -> int:
     settings = resolve_args(args)
     if settings["device"] == "cuda" and not torch.cuda.is_available():
-        print("koemorph-fused bench: --device cuda, but no CUDA device is available", file=sys.stderr)
-        return 2
-    if settings["min_time"] <= 0:
-        print("koemorph-fused bench: --min-time must be > 0", file=sys.stderr)
-        return 2
+        raise CommandLineError("--device cuda: no CUDA device is available")
     report = run(settings, progress=not args.no_progress)
     m = report["machine"]
     print(f"# {m.get('cpu_model', '?')}, {m.get('cpu_count')} CPUs, torch {m['torch']}, "

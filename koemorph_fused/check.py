@@ -11,6 +11,7 @@ from typing import Iterator
 import torch
 
 from . import reference
+from .cli_args import CommandLineError
 from .functional import temporal_loss
 from .weights import LossWeights
 
@@ -108,8 +109,7 @@ def main(args: argparse.Namespace) -> int:
 
     devices = available_devices() if args.device == "all" else [args.device]
     if "cuda" in devices and not torch.cuda.is_available():
-        print("koemorph-fused check: no CUDA device is available")
-        return 2
+        raise CommandLineError("--device cuda: no CUDA device is available")
     todo = list(cases(devices, quick=args.quick))
     failures = 0
     worst: dict[tuple[str, torch.dtype], tuple[float, float]] = {}

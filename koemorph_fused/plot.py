@@ -25,6 +25,7 @@ import os
 import sys
 from typing import Any, Optional, Sequence, Union
 
+from .cli_args import CommandLineError, plot_file
 from .terms import TERM_NAMES
 
 _TERM_COLORS = {"mse": "tab:blue", "l1": "tab:orange", "perceptual": "tab:green", "temporal": "tab:purple",
@@ -190,7 +191,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "writes, with phase boundaries, stride changes, file transitions and flagged steps "
                           "marked.")
     parser.add_argument("csv", metavar="RUN.csv", help="a run CSV written by koemorph_fused.LossMonitor(csv=...)")
-    parser.add_argument("-o", "--output", metavar="FILE.png",
+    parser.add_argument("-o", "--output", metavar="FILE.png", type=plot_file,
                         help="the image to write (.png, .svg, .pdf, ...; default: RUN.png beside the CSV)")
     parser.add_argument("--size", type=_size, default=(1200, 800), metavar="WxH",
                         help="image size in pixels (default 1200x800)")
@@ -198,39 +199,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--title", help="figure title (default: the CSV's file name)")
 
 
-def _error(message: str) -> int:
-    print(f"koemorph-fused: error: {message}", file=sys.stderr)
-    return 2
-
-
 def main(args: argparse.Namespace) -> int:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return _error("plot needs matplotlib: pip install matplotlib")
-    from matplotlib.figure import Figure
-
+    """Draw the run; misuse raises CommandLineError (one line, exit 2) before any drawing."""
     source = args.csv
     if not os.path.isfile(source):
-        return _error(f"{source}: no such file" if not os.path.exists(source) else f"{source}: not a file")
-    output = args.output if args.output is not None else os.path.splitext(source)[0] + ".png"
-    out_dir = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(out_dir):
-        return _error(f"{output}: directory {out_dir} does not exist")
-    ext = os.path.splitext(output)[1].lstrip(".").lower()
-    formats = Figure().canvas.get_supported_filetypes()
-    if ext not in formats:
-        return _error(f"{output}: unknown image format {ext!r}; use one of {', '.join(sorted(formats))}")
-    try:
-        from .run_log import read_csv
+        raise CommandLineError(f"{source}: no such file" if not os.path.exists(source) else f"{source}: not a file")
+    output = args.output
+    if output is None:  # the default, beside the CSV: checked like an explicit -o
+        try:
+            output = plot_file(os.path.splitext(source)[0] + ".png")
+        except argparse.ArgumentTypeError as e:
+            raise CommandLineError(f"argument -o/--output: {e}") from None
+    from .run_log import read_csv
 
+    try:
         rows = read_csv(source)
-        if not rows:
-            return _error(f"{source}: the run CSV has no rows yet")
-        plot_run(rows, output, size=args.size, dpi=args.dpi,
-                 title=args.title if args.title is not None else os.path.basename(source))
     except (OSError, ValueError) as e:
-        return _error(str(e))
+        raise CommandLineError(str(e)) from None
+    if not rows:
+        raise CommandLineError(f"{source}: the run CSV has no rows yet")
+    plot_run(rows, output, size=args.size, dpi=args.dpi,
+             title=args.title if args.title is not None else os.path.basename(source))
     first, last = rows[0]["step"], rows[-1]["step"]
     print(f"koemorph-fused plot: {len(rows)} steps ({first}..{last}) from {source} -> {output}")
     return 0

@@ -6,14 +6,18 @@ One module per concern:
   the 256-frame window streams;
 * :mod:`.model`: a GRU model with KoeMorph's learnable temporal smoothing;
 * :mod:`.train`: the stride-scheduled training loop (schedule, continuity
-  masks, monitor, timed loss);
-* :mod:`.report`: curve agreement, the per-epoch table, the plot;
+  masks, monitor, timed loss), trained on the fused loss;
+* :mod:`.verify`: the per-step check of the fused loss against the reference
+  on the same model outputs, with tolerances derived from the dtype;
+* :mod:`.report`: the check's margins, the per-epoch table, the plot;
 * :mod:`.cli`: the command line (``add_arguments``, ``main``).
 """
 
 from .cli import add_arguments, main
 from .data import make_corpus
 from .model import TemporalBlendshapeModel
-from .train import DemoConfig, RunResult, train
+from .train import DemoConfig, RunResult, demo_run, train
+from .verify import StepChecker, Tolerance, Verdict
 
-__all__ = ["DemoConfig", "RunResult", "TemporalBlendshapeModel", "add_arguments", "main", "make_corpus", "train"]
+__all__ = ["DemoConfig", "RunResult", "StepChecker", "TemporalBlendshapeModel", "Tolerance", "Verdict",
+           "add_arguments", "demo_run", "main", "make_corpus", "train"]
