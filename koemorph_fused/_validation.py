@@ -25,12 +25,12 @@ def _check_tensor(name: str, x: Any) -> None:
         raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {x.dtype}")
 
 
-def _check_like_pred(name: str, x: Any, pred: torch.Tensor) -> None:
+def _check_like_pred(name: str, x: Any, shape: torch.Size, device: torch.device) -> None:
     _check_tensor(name, x)
-    if x.shape != pred.shape:
-        raise ValueError(f"{name} must have the shape of pred {tuple(pred.shape)}, got {tuple(x.shape)}")
-    if x.device != pred.device:
-        raise ValueError(f"{name} must be on the device of pred ({pred.device}), got {x.device}")
+    if x.shape != shape:
+        raise ValueError(f"{name} must have the shape of pred {tuple(shape)}, got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} must be on the device of pred ({device}), got {x.device}")
 
 
 def check_weight_tensor(weights: torch.Tensor, pred: torch.Tensor, *, mutable: bool) -> None:
@@ -44,12 +44,12 @@ def check_weight_tensor(weights: torch.Tensor, pred: torch.Tensor, *, mutable: b
     arguments, which a CUDA graph captures once and replays forever; such
     weights must then be on the device, where replays read their current
     values. (A LossWeights' tensor never changes, so capturing it is right.)"""
-    if weights.device.type != "cpu" and weights.device != pred.device:
+    if not weights.is_cpu and weights.device != pred.device:
         raise ValueError(
             f"weights must be on the CPU or on the device of pred ({pred.device}), got {weights.device}; "
             "for a FusedKoeMorphLoss, move the module to pred's device (loss_fn.to(pred.device))"
         )
-    if (mutable and pred.is_cuda and weights.device.type == "cpu" and not torch.compiler.is_compiling()
+    if (mutable and weights.is_cpu and pred.is_cuda and not torch.compiler.is_compiling()
             and torch.cuda.is_current_stream_capturing()):
         raise ValueError(
             f"weights must be on the device of pred ({pred.device}) while a CUDA graph is being captured: "
@@ -74,16 +74,16 @@ def check_inputs(
     ``mask`` is None (every row continuous) or the detached continuity tensor.
     """
     _check_tensor("pred", pred)
-    shape = pred.shape
+    shape, device = pred.shape, pred.device
     if len(shape) < 2:
         raise ValueError(f"pred must have at least 2 dimensions (..., C), got shape {tuple(shape)}")
-    if pred.numel() == 0:
+    if 0 in shape:
         raise ValueError(f"pred must not be empty (rows and C must be >= 1), got shape {tuple(shape)}")
-    _check_like_pred("target", target, pred)
+    _check_like_pred("target", target, shape, device)
     if prev is not None:
-        _check_like_pred("prev", prev, pred)
+        _check_like_pred("prev", prev, shape, device)
     if raw is not None:
-        _check_like_pred("raw", raw, pred)
+        _check_like_pred("raw", raw, shape, device)
 
     mask = None
     if isinstance(continuity, np.bool_):
@@ -99,8 +99,8 @@ def check_inputs(
             )
         if continuity.is_complex():
             raise TypeError(f"continuity must be a bool, integer or floating tensor, got {continuity.dtype}")
-        if continuity.device != pred.device:
-            raise ValueError(f"continuity must be on the device of pred ({pred.device}), got {continuity.device}")
+        if continuity.device != device:
+            raise ValueError(f"continuity must be on the device of pred ({device}), got {continuity.device}")
         mask = continuity.detach()
     else:
         raise TypeError(
@@ -144,6 +144,8 @@ def normalize_indices(name: str, indices: Any, cols: int) -> tuple[int, ...]:
         items = tuple(indices)
     except TypeError:
         raise TypeError(f"{name} must be a sequence of ints, got {_type_name(indices)}") from None
+    if all(type(i) is int for i in items) and (not items or (min(items) >= 0 and max(items) < cols)):
+        return items  # plain ints in [0, C): the checks below would return them unchanged
     out = []
     for i in items:
         if type(i) is not int:  # numpy and torch integers are fine; bools and floats are not
