@@ -118,8 +118,9 @@ if hasattr(torch.library, "register_vmap"):  # torch >= 2.5
 
 class FusedTemporalLoss(torch.autograd.Function):
     """``(total, terms, grad_pred, grad_target, grad_raw)`` of the fused loss;
-    ``total`` is differentiable in pred, target and raw, in reverse and in
-    forward mode, and under torch.func transforms.
+    ``total`` is differentiable in pred, target and raw (reverse mode, also
+    under torch.func transforms; :class:`FusedTemporalLossWithJvp` adds
+    forward mode).
 
     Arguments are already validated (see :func:`koemorph_fused.temporal_loss`):
     ``prev`` and ``continuity`` are detached or None, ``column_weights`` comes
@@ -144,7 +145,6 @@ class FusedTemporalLoss(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # no zero tensor for the gradient of `terms`
         ctx.mark_non_differentiable(terms, grad_pred, grad_target, grad_raw)
         ctx.save_for_backward(grad_pred, grad_target, grad_raw)
-        ctx.save_for_forward(grad_pred, grad_target, grad_raw)
         # Read by backward (pred's dtype) and by a create_graph backward (what
         # it linearizes around). Inputs, not outputs: no reference cycle.
         ctx.inputs = (pred, target, continuity, column_weights, weights, prev is not None)
@@ -170,14 +170,28 @@ class FusedTemporalLoss(torch.autograd.Function):
             grads[2] if need[3] else None,
         ) + (None,) * 6
 
+
+
+class FusedTemporalLossWithJvp(FusedTemporalLoss):
+    """:class:`FusedTemporalLoss` with a ``jvp`` rule, for forward-mode AD
+    (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``). Dynamo
+    cannot trace a Function that defines ``jvp``, so traced calls use the
+    base class; every eager call that reaches Python uses this one."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        FusedTemporalLoss.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*output[2:])
+
     @staticmethod
     def jvp(ctx, pred_t, target_t, prev_t, raw_t, *unused):
         """The directional derivative of ``total``: sum(gradient * tangent) over
         pred, target and raw (prev and continuity are constants)."""
+        acc = ctx.inputs[3].dtype  # the column weights': float32 or float64
         total_t = None
         for g, t in zip(ctx.saved_tensors, (pred_t, target_t, raw_t)):
             if t is not None and g.numel() != 0:
-                part = (g.to(ctx.inputs[3].dtype) * t.to(ctx.inputs[3].dtype)).sum()
+                part = (g.to(acc) * t.to(acc)).sum()
                 total_t = part if total_t is None else total_t + part
         return total_t, None, None, None, None
 
@@ -305,6 +319,7 @@ def python_fused_forward(pred, target, prev, raw, mask, colw, weights) -> LossOu
         want = (grad and pred.requires_grad, grad and target.requires_grad,
                 grad and raw is not None and raw.requires_grad)
     if any(want):
-        total, terms, *_ = FusedTemporalLoss.apply(pred, target, prev, raw, mask, colw, weights, *want)
+        function = FusedTemporalLoss if torch.compiler.is_compiling() else FusedTemporalLossWithJvp
+        total, terms, *_ = function.apply(pred, target, prev, raw, mask, colw, weights, *want)
         return _new_tuple(LossOutput, (total, terms))
     return _new_tuple(LossOutput, forward_op(pred, target, prev, raw, mask, colw, weights, False, False, False)[:2])
