@@ -14,9 +14,9 @@ import yaml
 
 import koemorph_fused as kf
 from koemorph_fused import cli
-from koemorph_fused.demo.data import WINDOW, SyntheticFile, WindowStreams, make_corpus
+from koemorph_fused.demo.data import COLUMNS, LAYOUT, SIGNAL_COLUMNS, WINDOW, SyntheticFile, WindowStreams, make_corpus
 from koemorph_fused.demo.model import TemporalBlendshapeModel, TemporalSmoothing
-from koemorph_fused.demo.train import EXPECTED_TOTAL, DemoConfig, demo_run, train
+from koemorph_fused.demo.train import EXPECTED_TOTAL, GROUPS, DemoConfig, demo_run, train
 from koemorph_fused.demo.verify import QUANTITIES, StepChecker, StepResult, Tolerance
 
 # koemorph_fused.demo.train is also the name of a function the package exports.
@@ -58,9 +58,15 @@ def test_corpus_is_reproducible_by_seed(corpus):
                    for a, o in zip(corpus, other))
 
 
-def test_corpus_is_speech_like():
+def _cols(*patterns):
+    return list(kf.blendshapes.indices(*patterns, layout="arkit"))
+
+
+def test_corpus_is_speech_like_in_arkit_columns():
     files = make_corpus(4, seed=0)
     assert len({f.num_frames for f in files}) == 4            # different lengths
+    assert LAYOUT == "arkit"
+    jaw = _cols("jawOpen")[0]
     for f in files:
         assert 300 <= f.num_frames <= 900
         assert f.blendshapes.shape == (f.num_frames, 52) and f.features.shape == (f.num_frames, 32)
@@ -69,15 +75,41 @@ def test_corpus_is_speech_like():
         b = f.blendshapes
         speed = (b[1:] - b[:-1]).abs().mean(0)
         # jaw / mouth move with the syllables, brows and gaze slowly
-        assert speed[12:22].mean() > 5 * speed[[0, 1, 2, 3, 6, 7, 8, 9]].mean()
+        mouth = _cols("jawOpen", "mouthFunnel", "mouthPucker", "mouthClose", "mouthLowerDown*", "mouthUpperUp*",
+                      "mouthStretch*")
+        assert speed[mouth].mean() > 5 * speed[_cols("brow*", "eyeLookUp*", "eyeLookOutLeft", "eyeLookInRight")].mean()
         # the features carry the jaw: frame energy correlates with jawOpen
-        corr = torch.corrcoef(torch.stack([b[:, 12], f.features.mean(1)]))[0, 1]
+        corr = torch.corrcoef(torch.stack([b[:, jaw], f.features.mean(1)]))[0, 1]
         assert corr > 0.6
         # pauses: the jaw rests near closed for some frames, opens wide for others
-        assert float(b[:, 12].min()) < 0.05 and float(b[:, 12].max()) > 0.4
+        assert float(b[:, jaw].min()) < 0.05 and float(b[:, jaw].max()) > 0.4
+        # both eyes blink together, both eyes look the same way
+        left, right = _cols("eyeBlinkLeft", "eyeBlinkRight")
+        assert torch.equal(b[:, left], b[:, right]) and float(b[:, left].max()) > 0.5
+        assert torch.equal(b[:, _cols("eyeLookOutLeft")[0]], b[:, _cols("eyeLookInRight")[0]])
+        # brows rise while speaking: browInnerUp follows the jaw's activity, browDown the other way
+        activity = torch.nn.functional.avg_pool1d(b[:, jaw].reshape(1, 1, -1), 31, stride=1, padding=15,
+                                                  count_include_pad=False).flatten()
+        inner, down = b[:, _cols("browInnerUp")[0]], b[:, _cols("browDownLeft")[0]]
+        assert torch.corrcoef(torch.stack([inner, activity]))[0, 1] > 0.5
+        assert torch.corrcoef(torch.stack([down, activity]))[0, 1] < -0.5
+
+
+def test_signal_columns_are_arkit_names_in_one_table():
+    arkit = kf.blendshapes.layout("arkit")
+    placed = [name for names in SIGNAL_COLUMNS.values() for name in names]
+    assert len(placed) == len(set(placed)) == 21 and set(placed) <= set(arkit)
+    for signal, names in SIGNAL_COLUMNS.items():
+        assert COLUMNS[signal] == tuple(arkit.index(name) for name in names)
+    # every synthetic signal lies in the demo's named groups: mouth signals in jaw* + mouth*, the rest in
+    # brow* + eye* + cheek* + nose*
+    assert set(COLUMNS["mouth"]) <= set(GROUPS.mouth_indices)
+    assert {c for k, cols in COLUMNS.items() if k != "mouth" for c in cols} <= set(GROUPS.expression_indices)
 
 
 def test_corpus_arguments():
+    with pytest.raises(TypeError):
+        make_corpus(2, n_blendshapes=52)  # always the 52 ARKit blend shapes
     with pytest.raises(ValueError, match="min_frames"):
         make_corpus(2, min_frames=10, max_frames=5)
     with pytest.raises(TypeError, match="num_files"):
@@ -259,9 +291,42 @@ def test_schedule_drives_stride_and_weights(run64):
     assert any(row["temporal"] > 0 for row in run64.rows[1:])
 
 
+def test_demo_losses_use_the_named_groups(monkeypatch, corpus):
+    """demo_run builds the fused loss and the reference with the demo's named
+    groups (jaw* + mouth*, brow* + eye* + cheek* + nose* in the ARKit order),
+    not the seed's positional default."""
+    assert GROUPS == kf.blendshapes.preset("semantic", layout="arkit")
+    assert GROUPS.mouth_indices == tuple(_cols("jaw*", "mouth*"))
+    assert GROUPS.expression_indices == tuple(_cols("brow*", "eye*", "cheek*", "nose*"))
+    built = []
+
+    def recording(cls):
+        class Recording(cls):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                built.append(self)
+        return Recording
+
+    monkeypatch.setattr(train_module, "FusedKoeMorphLoss", recording(kf.FusedKoeMorphLoss))
+    monkeypatch.setattr(train_module, "KoeMorphTemporalLoss", recording(kf.reference.KoeMorphTemporalLoss))
+    result = demo_run(dataclasses.replace(TINY, epochs=1, steps_per_epoch=2), corpus)
+    assert result.verdict.ok
+    fused, reference = built
+    assert isinstance(fused, kf.FusedKoeMorphLoss) and isinstance(reference, kf.reference.KoeMorphTemporalLoss)
+    for module in built:
+        assert module.mouth_indices == GROUPS.mouth_indices
+        assert module.expression_indices == GROUPS.expression_indices
+
+
+def test_demo_run_rejects_a_loss_with_other_groups(corpus):
+    with pytest.raises(ValueError, match=r"loss_fn\.mouth_indices is \(12, .*GROUPS"):
+        demo_run(TINY, corpus, loss_fn=kf.FusedKoeMorphLoss())  # the positional default 12..21, 0..9
+
+
 class StaleTemporalWeight(kf.FusedKoeMorphLoss):
     """A planted bug: the fused loss keeps its constructor's temporal weight
-    (0.2) when the schedule assigns new weights; the reference gets the right ones."""
+    (0.2) when the schedule assigns new weights; the reference gets the right ones.
+    Built with the demo's groups (``**GROUPS._asdict()``), like the loss it stands in for."""
 
     @kf.FusedKoeMorphLoss.weights.setter
     def weights(self, value):
@@ -273,7 +338,7 @@ class StaleTemporalWeight(kf.FusedKoeMorphLoss):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
 def test_a_wrong_temporal_weight_in_the_fused_call_fails(corpus, dtype):
-    result = demo_run(dataclasses.replace(TINY, dtype=dtype), corpus, loss_fn=StaleTemporalWeight())
+    result = demo_run(dataclasses.replace(TINY, dtype=dtype), corpus, loss_fn=StaleTemporalWeight(**GROUPS._asdict()))
     v = result.verdict
     assert not v.ok
     # The weight only enters the total and the gradient w.r.t. pred; the
@@ -375,6 +440,8 @@ def test_cli_demo_passes_with_config_plot_and_reference_run(tmp_path, capsys):
         assert f"\n  {name} " in out
     assert "reference-trained run" in out and "not the verdict" in out
     assert "temporal_weight=0.4" in out
+    assert "perceptual groups by name, kf.blendshapes.preset('semantic', layout='arkit'): mouth = jaw* + mouth* " \
+           "(27 columns), expression = brow* + eye* + cheek* + nose* (24 columns)" in out
     assert png.stat().st_size > 10_000
     # the table shows the rescaled weights: late temporal = 0.3 * 0.4 / 0.2
     late_line = [line for line in out.splitlines() if line.strip().startswith("2 late")][0]

@@ -2,11 +2,13 @@
 
 One module per concern:
 
-* :mod:`.data`: synthetic speech-like "mel" features and blendshape files, and
-  the 256-frame window streams;
+* :mod:`.data`: synthetic speech-like "mel" features and blendshape files
+  (the 52 ARKit blend shapes in ARKit column order, each signal in a named
+  column), and the 256-frame window streams;
 * :mod:`.model`: a GRU model with KoeMorph's learnable temporal smoothing;
 * :mod:`.train`: the stride-scheduled training loop (schedule, continuity
-  masks, monitor, timed loss), trained on the fused loss;
+  masks, monitor, timed loss), trained on the fused loss with the perceptual
+  groups chosen by name (``kf.blendshapes.preset("semantic", layout="arkit")``);
 * :mod:`.verify`: the per-step check of the fused loss against the reference
   on the same model outputs, with tolerances derived from the dtype;
 * :mod:`.report`: the check's margins, the per-epoch table, the plot;

@@ -20,7 +20,7 @@ from ..reference import KoeMorphTemporalLoss
 from ..schedule import TrainingSchedule
 from .data import WINDOW, make_corpus
 from .report import chaos_summary, epoch_table, median_us, plot, verdict_table
-from .train import CALIBRATION_NOTE, DTYPES, EXPECTED_TOTAL, DemoConfig, demo_run, train
+from .train import CALIBRATION_NOTE, DTYPES, EXPECTED_TOTAL, GROUPS, GROUPS_NOTE, DemoConfig, demo_run, train
 
 #: Upper bounds of the sizes (beyond them the demo stops being a demo: memory, hours).
 MAX_EPOCHS, MAX_STEPS, MAX_BATCH, MAX_HIDDEN, MAX_FILES = 10_000, 100_000, 1024, 1024, 1000
@@ -29,8 +29,10 @@ MAX_EPOCHS, MAX_STEPS, MAX_BATCH, MAX_HIDDEN, MAX_FILES = 10_000, 100_000, 1024,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DemoConfig()
     parser.description = (
-        "Train a small GRU + temporal-smoothing model on synthetic speech-like blendshape data with the fused "
-        "loss, through the seed's stride schedule. At every step the plain-PyTorch reference loss gets the very "
+        "Train a small GRU + temporal-smoothing model on synthetic speech-like blendshape data (the 52 ARKit "
+        "blend shapes in ARKit column order) with the fused loss, its perceptual groups chosen by name "
+        "(kf.blendshapes.preset('semantic', layout='arkit'): jaw* + mouth*, brow* + eye* + cheek* + nose*), "
+        "through the seed's stride schedule. At every step the plain-PyTorch reference loss gets the very "
         "same model outputs, target, previous frame, continuity mask and weights, and its five terms, total and "
         "gradients (d total/d pred, d total/d raw) are compared with the fused loss's, within tolerances derived "
         "from the dtype. Prints the per-epoch monitor table, the worst error/tolerance ratio per quantity, the "
@@ -51,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="take the base loss weights from this config's loss section ('loss:', "
                              "'training.loss:' or 'model.loss:', following a Hydra defaults list); the schedule's "
                              "sparse and dense presets are rescaled term by term by config/default "
-                             "(TrainingSchedule.from_base)")
+                             "(TrainingSchedule.from_base); the perceptual groups stay the demo's")
     parser.add_argument("--plot", metavar="FILE.png", type=plot_file,
                         help="save the term curves and the per-step error/tolerance ratios to this image")
     parser.add_argument("--reference-run", action="store_true",
@@ -121,7 +123,8 @@ def _run(args: argparse.Namespace, base) -> int:
     print("weights: " + ("the seed's sparse/dense presets" if base is None else
                          f"presets rescaled to {args.config}: " + ", ".join(
                              f"{k}={v:g}" for k, v in base.to_config().items())))
-    print("training on the fused loss; at every step the reference gets the same outputs and weights")
+    print(GROUPS_NOTE)
+    print("training on the fused loss; at every step the reference gets the same outputs, weights and groups")
 
     # torch.optim's first optimizer imports torch._dynamo (seconds, once per process):
     # pay it here so that it is charged to no run.
@@ -143,8 +146,8 @@ def _run(args: argparse.Namespace, base) -> int:
     runs = [fused]
     if args.reference_run:
         bar, on_epoch = progress("reference")
-        runs.append(train(cfg, KoeMorphTemporalLoss(), corpus, name="reference", expected_total=EXPECTED_TOTAL,
-                          on_step=bar.update, on_epoch=on_epoch))
+        runs.append(train(cfg, KoeMorphTemporalLoss(**GROUPS._asdict()), corpus, name="reference",
+                          expected_total=EXPECTED_TOTAL, on_step=bar.update, on_epoch=on_epoch))
         bar.close()
     verdict = fused.verdict
     assert verdict is not None  # demo_run always checks
@@ -164,8 +167,8 @@ def _run(args: argparse.Namespace, base) -> int:
     mse = fused.column("mse")
     k = cfg.steps_per_epoch
     print(f"mse: first epoch mean {float(mse[:k].mean()):.5f} -> last epoch mean {float(mse[-k:].mean()):.5f}; "
-          f"learned smoothing alpha: mouth {float(fused.alpha[12:22].mean()):.3f}, "
-          f"expression {float(fused.alpha[0:10].mean()):.3f} (initial 0.300)")
+          f"learned smoothing alpha: mouth {float(fused.alpha[list(GROUPS.mouth_indices)].mean()):.3f}, "
+          f"expression {float(fused.alpha[list(GROUPS.expression_indices)].mean()):.3f} (initial 0.300)")
     if args.reference_run:
         print(chaos_summary(fused, runs[1]))
     if args.plot:

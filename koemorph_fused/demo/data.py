@@ -1,21 +1,34 @@
-"""Synthetic speech-like data for the demo: "mel" features and ARKit-style
-blendshape trajectories, several files of different lengths, reproducible by seed.
+"""Synthetic speech-like data for the demo: "mel" features and blendshape
+trajectories in ARKit column order, several files of different lengths,
+reproducible by seed.
 
 Each file is a talk of phrases (1-3 s) separated by pauses; a phrase is a run
 of syllables (4-6 per second), each with a vowel class (a, i, u, e, o) and a
-stress. From these:
+stress. The blend shapes are the 52 ARKit ones in the ``"arkit"`` layout
+(:data:`LAYOUT`, see :mod:`koemorph_fused.blendshapes`), and every synthetic
+signal goes into a named column (:data:`SIGNAL_COLUMNS`, the one place that
+names them):
 
-* mouth columns (:data:`~koemorph_fused.MOUTH_INDICES`, 12..21): the jaw
-  (column 12) opens with every syllable, the other mouth shapes mix the
-  syllable envelope with per-vowel shapes (fast, syllable-rate motion);
-* expression columns (:data:`~koemorph_fused.EXPRESSION_INDICES`, 0..9):
-  brows follow the phrase stress through a slow filter, eyes drift slowly and
-  blink every few seconds;
-* the other columns: small, slow drifts, some following the mouth;
+* mouth (fast, syllable-rate motion): ``jawOpen`` opens with every syllable,
+  widest on "a"; nine mouth shapes (``mouthFunnel``, ``mouthPucker``,
+  ``mouthClose``, ``mouthLowerDown*``, ``mouthUpperUp*``, ``mouthStretch*``)
+  mix the syllable envelope with per-vowel shapes, a mix fixed per speaker;
+* brows (slow): ``browInnerUp`` and ``browOuterUp*`` rise with the phrase
+  stress through a slow filter, ``browDown*`` lower a little in the pauses;
+* eyes: ``eyeBlinkLeft``/``eyeBlinkRight`` close together every few seconds;
+  the gaze drifts slowly, both eyes together (``eyeLookUp*`` up,
+  ``eyeLookOutLeft``/``eyeLookInRight`` sideways);
+* every other column (the other jaw, mouth, eye, cheek and nose shapes,
+  ``tongueOut``): small, slow drifts, some following the jaw;
 * features (``n_features`` log-"mel" bins): per-vowel spectral templates
   weighted by the syllable envelopes, a broadband energy band, a low-band pitch
   contour that follows the stress, a noise floor; normalised to about zero mean
   and unit variance.
+
+So the data's mouth shapes are ARKit's ``jaw*`` and ``mouth*`` columns and its
+expression shapes its ``brow*`` and ``eye*`` columns, where the loss's named
+groups look for them (``kf.blendshapes.preset("semantic", layout="arkit")``),
+not at the seed's positions 12..21 and 0..9.
 
 All blendshape values lie in [0, 1]. The "speaker" (mixing of mouth shapes,
 spectral templates) depends on the seed only; file ``i`` depends on the seed
@@ -31,13 +44,33 @@ import random
 import torch
 import torch.nn.functional as F
 
-from ..terms import EXPRESSION_INDICES, MOUTH_INDICES
+from ..blendshapes import indices, layout
 
 #: Blendshape frames per second (ARKit capture rate).
 FPS = 30.0
 #: Frames per window: the model sees 256 frames and predicts the last one.
 WINDOW = 256
 N_VOWELS = 5
+
+#: The column order of the synthetic blend shapes: a layout of :mod:`koemorph_fused.blendshapes`.
+LAYOUT = "arkit"
+#: Where each synthetic signal goes, by ARKit name (resolved in :data:`LAYOUT`).
+SIGNAL_COLUMNS: dict[str, tuple[str, ...]] = {
+    # syllable-rate; row k of the speaker's mouth mix drives the k-th name, row 0 (the jaw) every syllable
+    "mouth": ("jawOpen", "mouthFunnel", "mouthPucker", "mouthClose", "mouthLowerDownLeft", "mouthLowerDownRight",
+              "mouthUpperUpLeft", "mouthUpperUpRight", "mouthStretchLeft", "mouthStretchRight"),
+    "brow_raise": ("browInnerUp", "browOuterUpLeft", "browOuterUpRight"),  # with the phrase stress, slowly
+    "brow_lower": ("browDownLeft", "browDownRight"),                      # a little, in the pauses
+    "blink": ("eyeBlinkLeft", "eyeBlinkRight"),                           # both eyes together
+    "gaze_up": ("eyeLookUpLeft", "eyeLookUpRight"),                       # vertical gaze, both eyes
+    "gaze_side": ("eyeLookOutLeft", "eyeLookInRight"),                    # both eyes to the left
+}
+#: The column numbers of :data:`SIGNAL_COLUMNS`, name for name.
+COLUMNS: dict[str, tuple[int, ...]] = {
+    signal: tuple(indices(name, layout=LAYOUT)[0] for name in names) for signal, names in SIGNAL_COLUMNS.items()
+}
+#: Blend shapes per frame: the layout's 52.
+N_BLENDSHAPES = len(layout(LAYOUT))
 # Generated in float32 whatever torch's default dtype is (cast with .to() for other dtypes).
 _F32 = torch.float32
 
@@ -86,17 +119,18 @@ def _slow_noise(g: torch.Generator, channels: int, frames: int, sigma_frames: fl
 class _Speaker:
     """What stays the same across files: how vowels shape the mouth and the spectrum."""
 
-    mouth_mix: torch.Tensor      # (len(MOUTH_INDICES), 1 + N_VOWELS): envelope + vowel tracks -> mouth shapes
+    mouth_mix: torch.Tensor      # (len(COLUMNS["mouth"]), 1 + N_VOWELS): envelope + vowel tracks -> mouth shapes
     templates: torch.Tensor      # (N_VOWELS, F): spectral template of each vowel
     broadband: torch.Tensor      # (F,)
     pitch_band: torch.Tensor     # (F,)
-    other_mouth: torch.Tensor    # (C,): how much the non-group columns follow the jaw
+    other_mouth: torch.Tensor    # (C,): how much the drifting columns follow the jaw
 
 
-def _speaker(seed: int, n_features: int, n_blendshapes: int) -> _Speaker:
+def _speaker(seed: int, n_features: int) -> _Speaker:
     rng, g = _seeds(seed, 0)
-    mix = 0.35 * torch.rand(len(MOUTH_INDICES), 1 + N_VOWELS, generator=g, dtype=_F32)
-    mix[:, 1:] *= torch.rand(len(MOUTH_INDICES), N_VOWELS, generator=g, dtype=_F32) < 0.5
+    n_mouth = len(COLUMNS["mouth"])
+    mix = 0.35 * torch.rand(n_mouth, 1 + N_VOWELS, generator=g, dtype=_F32)
+    mix[:, 1:] *= torch.rand(n_mouth, N_VOWELS, generator=g, dtype=_F32) < 0.5
     mix[0] = torch.tensor([0.75, 0.25, 0.05, 0.0, 0.15, 0.2], dtype=_F32)  # jaw: opens on every syllable, widest on "a"
     bins = torch.arange(n_features, dtype=_F32)
     templates = torch.zeros(N_VOWELS, n_features, dtype=_F32)
@@ -107,7 +141,8 @@ def _speaker(seed: int, n_features: int, n_blendshapes: int) -> _Speaker:
             templates[v] += rng.uniform(0.6, 1.0) * torch.exp(-0.5 * ((bins - centre) / width) ** 2)
     broadband = 0.3 * torch.exp(-bins / max(n_features / 3, 1.0))
     pitch_band = torch.exp(-0.5 * (bins / max(n_features / 16, 1.0)) ** 2)
-    other = 0.2 * torch.rand(n_blendshapes, generator=g, dtype=_F32) * (torch.rand(n_blendshapes, generator=g, dtype=_F32) < 0.3)
+    other = (0.2 * torch.rand(N_BLENDSHAPES, generator=g, dtype=_F32)
+             * (torch.rand(N_BLENDSHAPES, generator=g, dtype=_F32) < 0.3))
     return _Speaker(mix, templates, broadband, pitch_band, other)
 
 
@@ -126,8 +161,8 @@ def _syllables(rng: random.Random, frames: int) -> list[tuple[int, int, int, flo
     return out
 
 
-def _make_file(index: int, min_frames: int, max_frames: int, speaker: _Speaker, seed: int, n_features: int,
-               n_blendshapes: int) -> SyntheticFile:
+def _make_file(index: int, min_frames: int, max_frames: int, speaker: _Speaker, seed: int,
+               n_features: int) -> SyntheticFile:
     rng, g = _seeds(seed, index + 1)
     frames = rng.randint(min_frames, max_frames)
 
@@ -145,15 +180,16 @@ def _make_file(index: int, min_frames: int, max_frames: int, speaker: _Speaker, 
     vowels = torch.zeros(N_VOWELS, frames, dtype=_F32).index_put_((vowel[sid], frame), bump, accumulate=True)
     emphasis = torch.zeros(frames, dtype=_F32).index_put_((frame,), phrase[sid])
 
-    out = torch.zeros(n_blendshapes, frames, dtype=_F32)
+    out = torch.zeros(N_BLENDSHAPES, frames, dtype=_F32)
     # Mouth: syllable-rate motion.
     tracks = torch.cat([env.unsqueeze(0), vowels])                    # (1 + V, T)
-    mouth_cols = [c for c in MOUTH_INDICES if c < n_blendshapes]
-    out[mouth_cols] = (speaker.mouth_mix @ tracks)[: len(mouth_cols)] + 0.02
-    # Expression: slow brows following the phrase stress, slow gaze, blinks.
-    expr = [c for c in EXPRESSION_INDICES if c < n_blendshapes]
+    out[list(COLUMNS["mouth"])] = speaker.mouth_mix @ tracks + 0.02
+    # Brows follow the phrase stress slowly: up while speaking, a little down in the pauses.
     slow = _lowpass(emphasis.unsqueeze(0), sigma_frames=0.5 * FPS)[0]
-    gaze = 0.2 + 0.08 * _slow_noise(g, 4, frames, sigma_frames=1.0 * FPS)
+    for k, c in enumerate(COLUMNS["brow_raise"]):
+        out[c] = 0.05 + 0.45 * slow * (1.0 - 0.15 * k)
+    out[list(COLUMNS["brow_lower"])] = 0.03 + 0.12 * (1.0 - slow).clamp(0.0, 1.0)
+    # Eyes: blinks (both eyes), a slow gaze (both eyes looking the same way).
     blink = torch.zeros(frames, dtype=_F32)
     t = rng.uniform(0.5, 3.0) * FPS
     while t < frames:  # short closures every 2-6 s
@@ -162,18 +198,15 @@ def _make_file(index: int, min_frames: int, max_frames: int, speaker: _Speaker, 
         pulse = 0.85 * torch.exp(-0.5 * ((torch.arange(lo, hi, dtype=_F32) - centre) / 1.5) ** 2)
         blink[lo:hi] = torch.maximum(blink[lo:hi], pulse)
         t += rng.uniform(2.0, 6.0) * FPS
-    for k, c in enumerate(expr):
-        if k < 4:     # brows
-            out[c] = 0.05 + 0.45 * slow * (1.0 - 0.15 * k)
-        elif k < 6:   # eye blinks, both eyes
-            out[c] = 0.05 + blink
-        else:         # gaze
-            out[c] = gaze[k - 6]
+    out[list(COLUMNS["blink"])] = 0.05 + blink
+    up, side = 0.2 + 0.08 * _slow_noise(g, 2, frames, sigma_frames=1.0 * FPS)
+    out[list(COLUMNS["gaze_up"])] = up
+    out[list(COLUMNS["gaze_side"])] = side
     # Everything else: small slow drifts, some following the jaw.
-    others = [c for c in range(n_blendshapes) if c not in set(mouth_cols) | set(expr)]
-    if others:
-        drift = 0.06 + 0.03 * _slow_noise(g, len(others), frames, sigma_frames=1.5 * FPS)
-        out[others] = drift + speaker.other_mouth[others].unsqueeze(1) * env
+    used = {c for columns in COLUMNS.values() for c in columns}
+    others = [c for c in range(N_BLENDSHAPES) if c not in used]
+    drift = 0.06 + 0.03 * _slow_noise(g, len(others), frames, sigma_frames=1.5 * FPS)
+    out[others] = drift + speaker.other_mouth[others].unsqueeze(1) * env
     blendshapes = out.clamp(0.0, 1.0).T.contiguous()
 
     # "Mel" features: vowel formants and broadband energy follow the syllables, pitch the stress.
@@ -190,21 +223,20 @@ def make_corpus(
     min_frames: int = 300,
     max_frames: int = 900,
     n_features: int = 32,
-    n_blendshapes: int = 52,
     seed: int = 0,
 ) -> list[SyntheticFile]:
-    """``num_files`` synthetic recordings, each of a seeded length in ``[min_frames, max_frames]``."""
+    """``num_files`` synthetic recordings, each of a seeded length in ``[min_frames, max_frames]``,
+    with ``n_features`` feature bins and the 52 ARKit blend shapes in :data:`LAYOUT` order."""
     for name, value in (("num_files", num_files), ("min_frames", min_frames), ("max_frames", max_frames),
-                        ("n_features", n_features), ("n_blendshapes", n_blendshapes), ("seed", seed)):
+                        ("n_features", n_features), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if num_files < 1 or n_features < 1 or n_blendshapes < 1:
-        raise ValueError("num_files, n_features and n_blendshapes must be >= 1, got "
-                         f"{num_files}, {n_features}, {n_blendshapes}")
+    if num_files < 1 or n_features < 1:
+        raise ValueError(f"num_files and n_features must be >= 1, got {num_files}, {n_features}")
     if not 1 <= min_frames <= max_frames:
         raise ValueError(f"need 1 <= min_frames <= max_frames, got {min_frames}, {max_frames}")
-    speaker = _speaker(seed, n_features, n_blendshapes)
-    return [_make_file(i, min_frames, max_frames, speaker, seed, n_features, n_blendshapes) for i in range(num_files)]
+    speaker = _speaker(seed, n_features)
+    return [_make_file(i, min_frames, max_frames, speaker, seed, n_features) for i in range(num_files)]
 
 
 @dataclasses.dataclass
@@ -269,4 +301,5 @@ class WindowStreams:
         return batch
 
 
-__all__ = ["Batch", "FPS", "SyntheticFile", "WINDOW", "WindowStreams", "make_corpus"]
+__all__ = ["Batch", "COLUMNS", "FPS", "LAYOUT", "N_BLENDSHAPES", "SIGNAL_COLUMNS", "SyntheticFile", "WINDOW",
+           "WindowStreams", "make_corpus"]
