@@ -27,6 +27,12 @@ def test_missing_tools_are_named(monkeypatch):
         assert expected in message, message
 
 
+def test_a_bad_build_switch_is_named_before_building(monkeypatch):
+    monkeypatch.setenv("KOEMORPH_FUSED_WITH_CUDA", "bogus")
+    with pytest.raises(ImportError, match=r"cannot be built just in time: KOEMORPH_FUSED_WITH_CUDA='bogus'"):
+        _loader._build_just_in_time(ImportError("no _C"))
+
+
 @pytest.mark.slow
 def test_just_in_time_build_from_a_source_tree(tmp_path):
     """A copy of the sources without any built library imports and works
