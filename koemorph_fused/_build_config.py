@@ -302,8 +302,8 @@ def cxx_flags(with_cuda: bool) -> list[str]:
 # torch 2.14.1, nvcc 13.0): the CPU backend's files together and the longest
 # of them, and the CUDA file (host side, and per architecture). They only feed
 # the estimate that set-up and the just-in-time build print.
-_CPU_BACKEND_S = 300
-_LONGEST_FILE_S = 130
+_CPU_BACKEND_S = 220
+_LONGEST_FILE_S = 95
 _CUDA_HOST_S = 60
 _CUDA_PER_ARCH_S = 120
 
