@@ -24,6 +24,7 @@ from setuptools import setup
 ROOT = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("_kf_build_config", ROOT / "koemorph_fused" / "_build_config.py")
 config = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = config  # dataclasses look their module up there
 _spec.loader.exec_module(config)
 
 try:

@@ -227,3 +227,19 @@ def test_the_script_checks_a_built_library_against_the_plan(tmp_path):
     built = Path(_ops.library.__file__)
     result = run_script("--check-built", str(built), KOEMORPH_FUSED_CPU_ONLY="1")
     assert result.returncode == (0 if not _ops.library.with_cuda else 1), result.stdout + result.stderr
+
+
+def test_setup_py_runs_and_says_what_it_builds():
+    """setup.py loads this module by file path (before the package exists) and
+    prints the plan; `--name` stops before building."""
+    env = {k: v for k, v in os.environ.items() if k != config.WITH_CUDA_VAR}
+    result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True,
+                            env={**env, config.CPU_ONLY_VAR: "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == "koemorph_fused"
+    assert "koemorph_fused: building the CPU backend (KOEMORPH_FUSED_CPU_ONLY is set)" in result.stderr
+    result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True,
+                            env={**env, config.CPU_ONLY_VAR: "perhaps"}, timeout=300)
+    assert result.returncode == 1
+    assert "koemorph_fused: error: KOEMORPH_FUSED_CPU_ONLY='perhaps'" in result.stderr
+    assert "Traceback" not in result.stderr
