@@ -52,7 +52,14 @@ ext = Extension(
     extra_link_args=config.openmp_flags(),
 )
 
-setup(
-    ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+class BuildInTree(BuildExtension.with_options(use_ninja=True)):
+    """Objects stay in build/temp between builds (pip's editable install would
+    compile in a new temporary folder each time), so that ninja recompiles only
+    the files whose command line or headers changed."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = str(ROOT / "build" / "temp")
+
+
+setup(ext_modules=[ext], cmdclass={"build_ext": BuildInTree})

@@ -243,3 +243,25 @@ def test_setup_py_runs_and_says_what_it_builds():
     assert result.returncode == 1
     assert "koemorph_fused: error: KOEMORPH_FUSED_CPU_ONLY='perhaps'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_objects_stay_in_build_temp_for_incremental_builds(tmp_path):
+    """pip's editable install points `build` at a new temporary folder each
+    time; the objects still go to build/temp, where ninja finds them again."""
+    code = f"""
+import os, sys
+os.environ[{config.CPU_ONLY_VAR!r}] = "1"
+import runpy, setuptools
+captured = {{}}
+setuptools.setup = captured.update  # run setup.py up to its setup() call
+runpy.run_path("setup.py", run_name="__main__")
+dist = setuptools.Distribution(captured)
+build = dist.reinitialize_command("build", reinit_subcommands=True)
+build.build_temp = {str(tmp_path)!r}  # as setuptools' editable_wheel does
+cmd = dist.get_command_obj("build_ext")
+cmd.ensure_finalized()
+print(cmd.build_temp)
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == str(ROOT / "build" / "temp")
