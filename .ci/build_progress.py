@@ -61,11 +61,11 @@ def compact(line: str) -> str | None:
     return None
 
 
-def run(source: IO[str], out: IO[str], log: IO[str], heartbeat: float) -> None:
+def run(source: IO[str], out: IO[str], log: IO[str], heartbeat: float, offset: float = 0.0) -> None:
     """Copy ``source`` to ``log`` and its :func:`compact` form to ``out`` until
     ``source`` ends; every ``heartbeat`` seconds without a progress line, say
-    how long it has been."""
-    start = time.monotonic()
+    how long it has been. Times shown count from ``offset`` seconds ago."""
+    start = time.monotonic() - offset
     last_shown = start
     seen: set[str] = set()
     lines: queue.Queue[str | None] = queue.Queue()
@@ -82,7 +82,7 @@ def run(source: IO[str], out: IO[str], log: IO[str], heartbeat: float) -> None:
             line = lines.get(timeout=max(0.05, last_shown + heartbeat - now))
         except queue.Empty:
             last_shown = time.monotonic()
-            out.write(f"  {clock(last_shown - start):>7}  ... still building\n")
+            out.write(f"{clock(last_shown - start):>7}  ... still building\n")
             out.flush()
             continue
         if line is None:
@@ -94,7 +94,7 @@ def run(source: IO[str], out: IO[str], log: IO[str], heartbeat: float) -> None:
             continue  # pip runs setup.py more than once: say what it builds once
         seen.add(shown)
         last_shown = time.monotonic()
-        out.write(f"  {clock(last_shown - start):>7}  {shown}\n")
+        out.write(f"{clock(last_shown - start):>7}  {shown}\n")
         out.flush()
 
 
@@ -105,13 +105,19 @@ def main(argv: list[str] | None = None) -> int:
         "--heartbeat", type=float, default=60.0,
         help="seconds without progress after which a 'still building' line is shown (default 60)",
     )
+    parser.add_argument(
+        "--offset", type=float, default=0.0,
+        help="seconds already spent before this build (the times shown count from then)",
+    )
     args = parser.parse_args(argv)
     if not args.heartbeat > 0:
         parser.error("--heartbeat must be a positive number of seconds")
+    if not args.offset >= 0:
+        parser.error("--offset must be a number of seconds >= 0")
     args.log.parent.mkdir(parents=True, exist_ok=True)
     sys.stdin.reconfigure(errors="replace")  # a compiler may print bytes that are not UTF-8
     with args.log.open("w", encoding="utf-8") as log:
-        run(sys.stdin, sys.stdout, log, args.heartbeat)
+        run(sys.stdin, sys.stdout, log, args.heartbeat, args.offset)
     return 0
 
 

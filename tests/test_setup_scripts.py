@@ -84,6 +84,12 @@ def test_the_log_gets_everything_and_the_terminal_a_line_per_step(tmp_path):
     assert all(line.split()[0].count(":") == 1 for line in result.stdout.splitlines())  # elapsed m:ss first
 
 
+def test_times_count_from_the_start_of_set_up(tmp_path):
+    result, _ = run_filter(CXX_LINE, "--offset", "125", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[:2] in (["2:05", "[3/9]"], ["2:06", "[3/9]"])
+
+
 def test_a_quiet_build_still_shows_it_is_alive(tmp_path):
     result, log = run_filter(CXX_LINE * 2, "--heartbeat", "0.2", delay=1.5, tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -91,12 +97,13 @@ def test_a_quiet_build_still_shows_it_is_alive(tmp_path):
     assert log.read_text() == CXX_LINE * 2
 
 
-def test_the_filter_rejects_a_bad_heartbeat(tmp_path):
+@pytest.mark.parametrize("option, value", [("--heartbeat", "0"), ("--heartbeat", "nan"), ("--offset", "-1")])
+def test_the_filter_rejects_bad_numbers(tmp_path, option, value):
     result = subprocess.run(
-        [sys.executable, str(CI / "build_progress.py"), "--log", str(tmp_path / "x.log"), "--heartbeat", "0"],
+        [sys.executable, str(CI / "build_progress.py"), "--log", str(tmp_path / "x.log"), option, value],
         input="", capture_output=True, text=True, timeout=60,
     )
-    assert result.returncode == 2 and "--heartbeat" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and option in result.stderr and "Traceback" not in result.stderr
 
 
 # --- ptxas report ------------------------------------------------------------------
