@@ -65,8 +65,8 @@ def run(source: IO[str], out: IO[str], log: IO[str], heartbeat: float, offset: f
     """Copy ``source`` to ``log`` and its :func:`compact` form to ``out`` until
     ``source`` ends; every ``heartbeat`` seconds without a progress line, say
     how long it has been. Times shown count from ``offset`` seconds ago."""
-    start = time.monotonic() - offset
-    last_shown = start
+    last_shown = time.monotonic()
+    start = last_shown - offset
     seen: set[str] = set()
     lines: queue.Queue[str | None] = queue.Queue()
 
