@@ -67,9 +67,10 @@ def _build_just_in_time(reason: Exception) -> ModuleType:
     build_dir = config.SOURCE_ROOT / "build" / f"jit-torch{torch.__version__}-{flavour}"
     build_dir.mkdir(parents=True, exist_ok=True)
     macros = [f"-D{k}={v}" for k, v in config.define_macros(with_cuda)]
+    what = "\n".join("  " + line for line in plan.describe().splitlines())
     print(
-        f"koemorph_fused: no installed extension; building {plan.describe()}\n"
-        f"just in time in {build_dir}; once, {config.build_time_estimate(plan)}.",
+        f"koemorph_fused: no installed extension; building it just in time in {build_dir}, once "
+        f"({config.build_time_estimate(plan)}):\n{what}",
         file=sys.stderr,
     )
     try:

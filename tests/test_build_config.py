@@ -109,7 +109,7 @@ def test_a_misspelt_switch_is_an_error_naming_it():
 def machine(monkeypatch):
     """A machine with a toolkit, whose GPUs are set per test; records whether
     the GPUs were looked at (that initialises CUDA)."""
-    for var in (config.CPU_ONLY_VAR, config.WITH_CUDA_VAR, config.ARCH_LIST_VAR):
+    for var in (config.CPU_ONLY_VAR, config.WITH_CUDA_VAR, config.ARCH_LIST_VAR, "CUDA_HOME"):
         monkeypatch.delenv(var, raising=False)
     looked = []
     state = SimpleNamespace(gpus="", looked=looked)
@@ -156,6 +156,7 @@ def test_the_planned_architectures_reach_torch_and_the_library(monkeypatch):
 
 def test_a_cpu_plan_leaves_the_architecture_list_alone(monkeypatch):
     monkeypatch.setenv(config.ARCH_LIST_VAR, "9.0")
+    monkeypatch.delenv("CUDA_HOME", raising=False)  # restored after the test
     config.apply_plan(plan())
     assert os.environ[config.ARCH_LIST_VAR] == "9.0"
 
