@@ -15,7 +15,8 @@ Which backends are built (:func:`plan_build`):
 Environment variables:
 
 ``KOEMORPH_FUSED_CPU_ONLY=1``
-    build the CPU backend only, even where a GPU and a CUDA toolkit are found.
+    build the CPU backend only, even where a GPU and a CUDA toolkit are found
+    (and even with ``KOEMORPH_FUSED_WITH_CUDA=1``).
 ``KOEMORPH_FUSED_WITH_CUDA=1``
     build the CUDA backend even without a GPU (CI, build machines); an error
     where it cannot be built (CPU-only torch, no toolkit).
@@ -194,10 +195,9 @@ def plan_build(
     """The decision, from facts only (no environment, no torch): see the module
     docstring. ``gpu_archs`` is :func:`archs_for_gpus` of the visible GPUs,
     ``arch_list`` the value of ``TORCH_CUDA_ARCH_LIST`` (None when unset)."""
-    if cpu_only and cuda_requested:
-        raise BuildConfigError(f"{CPU_ONLY_VAR} and {WITH_CUDA_VAR} are both set; set one")
-    if cpu_only:
-        return BuildPlan(False, "", cuda_home, f"{CPU_ONLY_VAR} is set")
+    if cpu_only:  # the narrower request wins, e.g. over a WITH_CUDA exported for a whole session
+        also = f"; it overrides {WITH_CUDA_VAR}" if cuda_requested else ""
+        return BuildPlan(False, "", cuda_home, f"{CPU_ONLY_VAR} is set{also}")
     if torch_cuda is None:
         if cuda_requested:
             raise BuildConfigError(f"{WITH_CUDA_VAR} is set, but the installed torch is a CPU-only build")

@@ -86,9 +86,10 @@ def test_what_cannot_build_cuda_gives_the_cpu_backend_or_an_error_when_asked(cha
         plan(cuda_requested=True, **changes)
 
 
-def test_cpu_only_and_with_cuda_together_are_an_error():
-    with pytest.raises(config.BuildConfigError, match=f"{config.CPU_ONLY_VAR}.*{config.WITH_CUDA_VAR}"):
-        plan(cpu_only=True, cuda_requested=True)
+def test_cpu_only_wins_over_a_request_for_cuda():
+    p = plan(cpu_only=True, cuda_requested=True, gpu_archs="9.0+PTX")
+    assert not p.with_cuda
+    assert p.reason == f"{config.CPU_ONLY_VAR} is set; it overrides {config.WITH_CUDA_VAR}"
 
 
 @pytest.mark.parametrize("value, expected", [("1", True), ("yes", True), (" ON ", True), ("0", False), ("", False), ("off", False)])

@@ -157,7 +157,11 @@ def fake_repo(tmp_path, pytest_status, setup_status=0):
     )
     python = tmp_path / ".venv" / "bin" / "python"
     python.parent.mkdir(parents=True)
-    python.write_text(f"#!/bin/sh\necho \"$@\" > pytest.args\nexit {pytest_status}\n")
+    python.write_text(
+        f"#!/bin/sh\necho \"$@\" > pytest.args\n"
+        "env | grep -E '^(KOEMORPH_FUSED_WITH_CUDA|TORCH_CUDA_ARCH_LIST)=' > pytest.env\n"
+        f"exit {pytest_status}\n"
+    )
     python.chmod(python.stat().st_mode | stat.S_IEXEC)
     return tmp_path
 
@@ -196,6 +200,7 @@ def test_ci_asks_for_cuda_for_every_architecture_where_a_toolkit_is(tmp_path):
         "KOEMORPH_FUSED_WITH_CUDA=1",
         "TORCH_CUDA_ARCH_LIST=8.0;8.6;8.9;9.0+PTX",
     ]
+    assert (repo / "pytest.env").read_text() == ""  # the tests do not inherit the build switches
     repo = fake_repo(tmp_path / "cpu", 0)
     assert ci_run(repo, CUDA_HOME=str(toolkit), KOEMORPH_FUSED_CPU_ONLY="1").returncode == 0
     assert (repo / "setup.env").read_text() == ""
