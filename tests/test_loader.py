@@ -35,7 +35,7 @@ def test_a_bad_build_switch_is_named_before_building(monkeypatch):
 
 
 @pytest.mark.parametrize("gpus, expected", [("", False), ("9.0+PTX", True)])
-def test_the_just_in_time_build_follows_the_build_plan(monkeypatch, capsys, gpus, expected):
+def test_the_just_in_time_build_follows_the_build_plan(monkeypatch, capsys, tmp_path, gpus, expected):
     """Same decision as setup.py (koemorph_fused/_build_config.py): CUDA for a
     visible GPU, the CPU backend without one; stubbed, nothing compiles."""
     import torch
@@ -49,12 +49,14 @@ def test_the_just_in_time_build_follows_the_build_plan(monkeypatch, capsys, gpus
     monkeypatch.setattr(config, "find_cuda_home", lambda: "/opt/cuda")
     monkeypatch.setattr(config, "visible_gpu_archs", lambda: gpus)
     monkeypatch.setattr(_loader, "_missing_build_tools", lambda with_cuda: [])
+    monkeypatch.setattr(config, "SOURCE_ROOT", tmp_path)  # the build folder it makes
     calls = []
     monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.append(kw) or "built")
     assert _loader._build_just_in_time(ImportError("no _C")) == "built"
     (kw,) = calls
     assert kw["with_cuda"] is expected
     assert kw["sources"] == config.sources(expected) and "-g0" in kw["extra_cflags"]
+    assert Path(kw["build_directory"]).parent == tmp_path / "build"
     assert kw["build_directory"].endswith("-cuda" if expected else "-cpu")
     message = capsys.readouterr().err
     assert "just in time" in message and "minute" in message
