@@ -1,10 +1,17 @@
-"""Build koemorph_fused's C++ (and, where a CUDA toolkit is found, CUDA) extension.
+"""Build koemorph_fused's C++ extension: the CPU backend, plus the CUDA backend
+where a GPU and a CUDA toolkit are found (or where it is asked for).
 
     pip install --no-build-isolation .        # or -e . for development
 
-The extension is compiled against the torch that is already installed. Set
-KOEMORPH_FUSED_CPU_ONLY=1 to skip CUDA, TORCH_CUDA_ARCH_LIST to choose GPU
-architectures (default 8.0;8.6;8.9;9.0+PTX), and MAX_JOBS to limit ninja.
+The extension is compiled against the torch that is already installed. What is
+built, and why, is decided in koemorph_fused/_build_config.py (printed first):
+
+    KOEMORPH_FUSED_CPU_ONLY=1    the CPU backend only
+    KOEMORPH_FUSED_WITH_CUDA=1   the CUDA backend too, even without a GPU
+    TORCH_CUDA_ARCH_LIST=...     its GPU architectures (default: the visible
+                                 GPUs', else 8.0;8.6;8.9;9.0+PTX)
+    CUDA_HOME=...                the CUDA toolkit
+    MAX_JOBS=N                   parallel compile jobs (ninja)
 """
 
 import importlib.util
@@ -17,32 +24,42 @@ from setuptools import setup
 ROOT = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("_kf_build_config", ROOT / "koemorph_fused" / "_build_config.py")
 config = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = config  # dataclasses look their module up there
 _spec.loader.exec_module(config)
 
-config.prepare_cuda_environment()  # before torch.utils.cpp_extension reads CUDA_HOME
+try:
+    plan = config.current_plan()
+except config.BuildConfigError as exc:
+    sys.exit(f"koemorph_fused: error: {exc}")
+config.apply_plan(plan)  # before torch.utils.cpp_extension reads CUDA_HOME
 
-import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
-with_cuda, why = config.want_cuda(torch.version.cuda)
-print(f"koemorph_fused: building the {'CPU and CUDA' if with_cuda else 'CPU'} backend ({why})", file=sys.stderr)
+for line in f"building {plan.describe()}".splitlines():
+    print(f"koemorph_fused: {line}", file=sys.stderr)
 
-Extension = CUDAExtension if with_cuda else CppExtension
-extra_compile_args = {"cxx": config.cxx_flags(with_cuda)}
-if with_cuda:
+Extension = CUDAExtension if plan.with_cuda else CppExtension
+extra_compile_args = {"cxx": config.cxx_flags(plan.with_cuda)}
+if plan.with_cuda:
     extra_compile_args["nvcc"] = list(config.NVCC_FLAGS)
-    print(f"koemorph_fused: CUDA architectures {config.cuda_arch_list()}", file=sys.stderr)
 
 ext = Extension(
     name="koemorph_fused._C",
-    sources=[os.path.relpath(s, ROOT) for s in config.sources(with_cuda)],
+    sources=[os.path.relpath(s, ROOT) for s in config.sources(plan.with_cuda)],
     include_dirs=[str(ROOT / "csrc")],
-    define_macros=config.define_macros(with_cuda),
+    define_macros=config.define_macros(plan.with_cuda),
     extra_compile_args=extra_compile_args,
     extra_link_args=config.openmp_flags(),
 )
 
-setup(
-    ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+class BuildInTree(BuildExtension.with_options(use_ninja=True)):
+    """Objects stay in build/temp between builds (pip's editable install would
+    compile in a new temporary folder each time), so that ninja recompiles only
+    the files whose command line or headers changed."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = str(ROOT / "build" / "temp")
+
+
+setup(ext_modules=[ext], cmdclass={"build_ext": BuildInTree})

@@ -37,16 +37,24 @@ def _missing_build_tools(with_cuda: bool) -> list[str]:
     if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
         missing.append("the Python development headers (e.g. apt install python3-dev)")
     if with_cuda and shutil.which(str(Path(config.find_cuda_home() or "") / "bin" / "nvcc")) is None:
-        missing.append("nvcc (set CUDA_HOME, or KOEMORPH_FUSED_CPU_ONLY=1 for a CPU-only build)")
+        missing.append(f"nvcc (set CUDA_HOME, or {config.CPU_ONLY_VAR}=1 for a CPU-only build)")
     return missing
 
 
 def _build_just_in_time(reason: Exception) -> ModuleType:
-    config.prepare_cuda_environment()  # before cpp_extension reads CUDA_HOME
     import torch
+
+    try:
+        plan = config.current_plan()
+    except config.BuildConfigError as exc:
+        raise ImportError(
+            f"koemorph_fused: the compiled extension is not installed ({reason}) and cannot be "
+            f"built just in time: {exc}"
+        ) from reason
+    config.apply_plan(plan)  # before cpp_extension reads CUDA_HOME
     from torch.utils import cpp_extension
 
-    with_cuda, why = config.want_cuda(torch.version.cuda)
+    with_cuda = plan.with_cuda
     missing = _missing_build_tools(with_cuda)
     if missing:
         raise ImportError(
@@ -59,9 +67,10 @@ def _build_just_in_time(reason: Exception) -> ModuleType:
     build_dir = config.SOURCE_ROOT / "build" / f"jit-torch{torch.__version__}-{flavour}"
     build_dir.mkdir(parents=True, exist_ok=True)
     macros = [f"-D{k}={v}" for k, v in config.define_macros(with_cuda)]
+    what = "\n".join("  " + line for line in plan.describe().splitlines())
     print(
-        f"koemorph_fused: no installed extension; building it just in time in {build_dir} "
-        f"({why}). This takes a few minutes once.",
+        f"koemorph_fused: no installed extension; building it just in time in {build_dir}, once "
+        f"({config.build_time_estimate(plan)}):\n{what}",
         file=sys.stderr,
     )
     try:

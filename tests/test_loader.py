@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_missing_tools_are_named(monkeypatch):
     from torch.utils import cpp_extension
 
+    monkeypatch.delenv("CUDA_HOME", raising=False)  # restored after: the build plan may set it
     monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
     monkeypatch.setattr(shutil, "which", lambda name: None)
     monkeypatch.setattr(cpp_extension, "include_paths", lambda *a, **k: ["/nonexistent"])
@@ -25,6 +26,44 @@ def test_missing_tools_are_named(monkeypatch):
     message = str(info.value)
     for expected in ("ninja", "C++ compiler", "headers", "pip install --no-build-isolation"):
         assert expected in message, message
+
+
+def test_a_bad_build_switch_is_named_before_building(monkeypatch):
+    monkeypatch.setenv("KOEMORPH_FUSED_WITH_CUDA", "bogus")
+    with pytest.raises(ImportError, match=r"cannot be built just in time: KOEMORPH_FUSED_WITH_CUDA='bogus'"):
+        _loader._build_just_in_time(ImportError("no _C"))
+
+
+@pytest.mark.parametrize("gpus, expected", [("", False), ("9.0+PTX", True)])
+def test_the_just_in_time_build_follows_the_build_plan(monkeypatch, capsys, tmp_path, gpus, expected):
+    """Same decision as setup.py (koemorph_fused/_build_config.py): CUDA for a
+    visible GPU, the CPU backend without one; stubbed, nothing compiles."""
+    import torch
+    from torch.utils import cpp_extension
+
+    from koemorph_fused import _build_config as config
+
+    for var in (config.CPU_ONLY_VAR, config.WITH_CUDA_VAR, config.ARCH_LIST_VAR, "CUDA_HOME"):
+        monkeypatch.delenv(var, raising=False)  # (and restored after: apply_plan sets some)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(config, "find_cuda_home", lambda: "/opt/cuda")
+    monkeypatch.setattr(config, "visible_gpu_archs", lambda: gpus)
+    monkeypatch.setattr(_loader, "_missing_build_tools", lambda with_cuda: [])
+    monkeypatch.setattr(config, "SOURCE_ROOT", tmp_path)  # the build folder it makes
+    calls = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: calls.append(kw) or "built")
+    assert _loader._build_just_in_time(ImportError("no _C")) == "built"
+    (kw,) = calls
+    assert kw["with_cuda"] is expected
+    assert kw["sources"] == config.sources(expected) and "-g0" in kw["extra_cflags"]
+    assert Path(kw["build_directory"]).parent == tmp_path / "build"
+    assert kw["build_directory"].endswith("-cuda" if expected else "-cpu")
+    message = capsys.readouterr().err
+    assert "just in time" in message and "minute" in message
+    if expected:
+        assert "-DKF_CUDA_ARCH_LIST=9.0+PTX" in kw["extra_cflags"] and "architectures 9.0+PTX" in message
+    else:
+        assert "the CPU backend" in message and "KOEMORPH_FUSED_WITH_CUDA=1" in message
 
 
 @pytest.mark.slow
