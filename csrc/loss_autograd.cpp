@@ -93,8 +93,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_gradients(
   auto linearized = [&](const at::Tensor& g, const at::Tensor& lin, const at::Tensor& like) {
     return g.numel() == 0 ? at::Tensor() : (go * (g.to(acc) + lin)).to(like.scalar_type());
   };
+  // grad_raw has no linear part (its derivatives are zero), but is scaled in
+  // the accumulation dtype and rounded once, like the others.
   return {linearized(saved[0], lin_pred, pred), linearized(saved[1], -lin_d, target),
-          saved[2].numel() == 0 ? at::Tensor() : go * saved[2]};
+          saved[2].numel() == 0 ? at::Tensor() : (go * saved[2].to(acc)).to(pred.scalar_type())};
 }
 
 struct TemporalLossFunction : public torch::autograd::Function<TemporalLossFunction> {

@@ -112,8 +112,20 @@ def _forward_vmap(info, in_dims, pred, target, prev, raw, continuity, colw, weig
     return tuple(torch.stack(column) for column in zip(*outs)), (0, 0, 0, 0, 0)
 
 
+def _scale_vmap(info, in_dims, grad_output, grad_pred, grad_target, grad_raw, dtype):
+    """vmap rule of ``scale_gradients`` (a backward under vmap, e.g.
+    ``autograd.grad(..., is_grads_batched=True)``): once per mapped slice."""
+    tensors = (grad_output, grad_pred, grad_target, grad_raw)
+    outs = []
+    for i in range(info.batch_size):
+        args = [x if d is None else x.select(d, i) for x, d in zip(tensors, in_dims[:4])]
+        outs.append(_torch_scale(*args, dtype))
+    return tuple(torch.stack(column) for column in zip(*outs)), (0, 0, 0)
+
+
 if hasattr(torch.library, "register_vmap"):  # torch >= 2.5
     torch.library.register_vmap("koemorph_fused::temporal_loss_forward", _forward_vmap)
+    torch.library.register_vmap("koemorph_fused::scale_gradients", _scale_vmap)
 
 
 class FusedTemporalLoss(torch.autograd.Function):
@@ -157,11 +169,12 @@ class FusedTemporalLoss(torch.autograd.Function):
         if torch.is_grad_enabled():  # backward(create_graph=True), torch.func.grad
             grads = _differentiable_gradients(ctx.inputs, grads, grad_total)
         else:
-            # A new tensor, never the saved one: a retained graph must not
-            # hand out the buffer a second backward reads. (The C++ node of
-            # eager calls hands it over when the graph is being freed.)
-            dtype = ctx.inputs[0].dtype
-            grads = [None if g.numel() == 0 else (grad_total * g).to(dtype) for g in grads]
+            # The same scaling pass as the C++ node (grad_output read in its
+            # own precision, one rounding to the input dtype), always into new
+            # tensors: a retained graph must not hand out the buffer a second
+            # backward reads. (The C++ node hands it over when the graph is
+            # being freed.)
+            grads = scale_op(grad_total, *grads, ctx.inputs[0].dtype)
         need = ctx.needs_input_grad
         return (
             grads[0] if need[0] else None,
@@ -169,7 +182,6 @@ class FusedTemporalLoss(torch.autograd.Function):
             None,
             grads[2] if need[3] else None,
         ) + (None,) * 6
-
 
 
 class FusedTemporalLossWithJvp(FusedTemporalLoss):
@@ -229,7 +241,7 @@ def _differentiable_gradients(inputs, saved, grad_total):
         if saved.numel() == 0:
             out.append(None)
         elif lin is None:
-            out.append((grad_total * saved).to(like.dtype))
+            out.append((grad_total * saved.to(acc)).to(like.dtype))
         else:
             out.append((grad_total * (saved.to(acc) + lin)).to(like.dtype))
     return out

@@ -192,3 +192,23 @@ def test_freed_graph_hands_over_the_saved_gradients():
     after = lib.cpu_buffer_pool_stats()
     assert after["hits"] + after["misses"] == before["hits"] + before["misses"]
     assert pred.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_both_autograd_paths_give_the_same_gradients(dtype, monkeypatch):
+    """Backward scales in the accumulation dtype and rounds once, on either
+    path: a grad_output that is not 1 gives bitwise the same gradients (a
+    bfloat16 gradient times a float32 0-dim grad_output in plain torch would
+    round grad_output to bfloat16 first)."""
+    pred, target, raw = (rand((64, 52), dtype) for _ in range(3))
+    results = []
+    for python_path in (False, True):
+        if python_path:
+            monkeypatch.setattr(kf._ops, "_fast_loss", lambda *args: NotImplemented)
+        p, r = pred.clone().requires_grad_(), raw.clone().requires_grad_()
+        out = kf.temporal_loss(p, target, None, r)
+        assert ("FusedTemporalLoss" in type(out.total.grad_fn).__name__) == python_path
+        (out.total * 0.3337).backward()
+        results.append((p.grad, r.grad))
+    for a, b in zip(*results):
+        assert a.dtype == dtype and torch.equal(a, b)
