@@ -17,6 +17,17 @@ at::ScalarType gradient_storage_dtype(at::ScalarType dtype) {
   return dtype == at::kHalf ? at::kFloat : dtype;
 }
 
+bool cuda_reads_mask_dtype(at::ScalarType dtype) {
+  switch (dtype) {
+#define KF_CASE(ctype, name) case at::ScalarType::name:
+    KF_FOR_EACH_DIRECT_MASK_DTYPE(KF_CASE)
+#undef KF_CASE
+    return true;
+    default:
+      return false;
+  }
+}
+
 namespace {
 
 bool is_supported_dtype(at::ScalarType t) {
@@ -96,13 +107,14 @@ LossInputs prepare_inputs(const at::Tensor& pred, const at::Tensor& target,
                      m.scalar_type());
     TORCH_CHECK_VALUE(m.device() == pred.device(), "continuity must be on the device of pred (",
                       pred.device(), "), got ", m.device());
-    // Only the temporal term reads the mask. The CUDA kernel converts any
-    // dtype itself (no cast kernel, no allocation per call); the CPU kernel
-    // reads the accumulation dtype.
+    // Only the temporal term reads the mask. The CUDA kernel converts the
+    // usual dtypes itself (no cast kernel, no allocation per call); the CPU
+    // kernel reads the accumulation dtype.
     if (prev) {
-      const bool ready = m.dim() == 1 && (m.scalar_type() == acc || m.is_cuda()) && m.is_contiguous();
-      in.mask = ready ? m : m.is_cuda() ? m.reshape({in.rows}).contiguous()
-                                        : m.reshape({in.rows}).to(acc).contiguous();
+      const bool direct = m.is_cuda() && cuda_reads_mask_dtype(m.scalar_type());
+      const bool ready = m.dim() == 1 && (m.scalar_type() == acc || direct) && m.is_contiguous();
+      in.mask = ready ? m : direct ? m.reshape({in.rows}).contiguous()
+                                   : m.reshape({in.rows}).to(acc).contiguous();
     }
   }
 

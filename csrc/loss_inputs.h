@@ -25,6 +25,16 @@ at::ScalarType accumulation_dtype(at::ScalarType dtype);
 // zero before grad_output is applied), the input dtype otherwise.
 at::ScalarType gradient_storage_dtype(at::ScalarType dtype);
 
+// The continuity-mask dtypes the CUDA mask pre-kernel reads and converts
+// itself (X-macro over (C++ type, ScalarType name)); a mask of any other
+// dtype is converted by prepare_inputs.
+#define KF_FOR_EACH_DIRECT_MASK_DTYPE(_)                                          \
+  _(bool, Bool) _(uint8_t, Byte) _(int8_t, Char) _(int16_t, Short) _(int32_t, Int) \
+  _(int64_t, Long) _(c10::Half, Half) _(c10::BFloat16, BFloat16) _(float, Float)  \
+  _(double, Double)
+
+bool cuda_reads_mask_dtype(at::ScalarType dtype);
+
 // One forward call, validated. Matrices are (rows, cols) views whose last
 // dimension has stride 1 (a contiguous copy is made only when it had not).
 struct LossInputs {

@@ -484,3 +484,16 @@ def test_mask_of_any_dtype_is_read_without_a_cast(mask_dtype):
     want = forward(dev["pred"], dev["target"], dev["prev"], dev["raw"], mask=dev["mask"].float())
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+@needs_cuda
+@pytest.mark.parametrize("mask_dtype", [torch.uint16, torch.uint32, torch.float8_e4m3fn], ids=str)
+def test_other_mask_dtypes_are_converted_before_the_kernel(mask_dtype):
+    """Dtypes the pre-kernel does not read itself are converted up front: the
+    same answer as on the CPU, never an error."""
+    data = _graph_inputs(300, 52, 7)
+    dev = {k: v.to(DEVICE) for k, v in data.items()}
+    got = forward(dev["pred"], dev["target"], dev["prev"], dev["raw"], mask=dev["mask"].to(mask_dtype))
+    want = forward(dev["pred"], dev["target"], dev["prev"], dev["raw"], mask=dev["mask"].float())
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)

@@ -560,26 +560,20 @@ void launch_mask_sum(const at::Tensor& mask, int64_t rows, acc_t* converted, dou
       <<<grid, kThreads, 0, stream>>>(mask.const_data_ptr<mask_t>(), rows, converted, workspace);
 }
 
-// The mask pre-kernel for a mask of another dtype than acc_t (bool, integers,
-// the other floating types), which it converts into `converted`.
+// The mask pre-kernel for a mask of another dtype than acc_t, one of
+// KF_FOR_EACH_DIRECT_MASK_DTYPE (bool, integers, the other floating types),
+// which it converts into `converted`.
 template <typename acc_t>
 void launch_converting_mask_sum(const at::Tensor& mask, int64_t rows, acc_t* converted,
                                 double* workspace, int grid, cudaStream_t stream) {
   switch (mask.scalar_type()) {
-    case at::kBool: return launch_mask_sum<acc_t, bool>(mask, rows, converted, workspace, grid, stream);
-    case at::kByte: return launch_mask_sum<acc_t, uint8_t>(mask, rows, converted, workspace, grid, stream);
-    case at::kChar: return launch_mask_sum<acc_t, int8_t>(mask, rows, converted, workspace, grid, stream);
-    case at::kShort: return launch_mask_sum<acc_t, int16_t>(mask, rows, converted, workspace, grid, stream);
-    case at::kInt: return launch_mask_sum<acc_t, int32_t>(mask, rows, converted, workspace, grid, stream);
-    case at::kLong: return launch_mask_sum<acc_t, int64_t>(mask, rows, converted, workspace, grid, stream);
-    case at::kHalf: return launch_mask_sum<acc_t, c10::Half>(mask, rows, converted, workspace, grid, stream);
-    case at::kBFloat16:
-      return launch_mask_sum<acc_t, c10::BFloat16>(mask, rows, converted, workspace, grid, stream);
-    case at::kFloat: return launch_mask_sum<acc_t, float>(mask, rows, converted, workspace, grid, stream);
-    case at::kDouble: return launch_mask_sum<acc_t, double>(mask, rows, converted, workspace, grid, stream);
-    default:
-      TORCH_CHECK_TYPE(false, "continuity must be a bool, integer or floating tensor, got ",
-                       mask.scalar_type());
+#define KF_CASE(ctype, name)                                                          \
+  case at::ScalarType::name:                                                          \
+    return launch_mask_sum<acc_t, ctype>(mask, rows, converted, workspace, grid, stream);
+    KF_FOR_EACH_DIRECT_MASK_DTYPE(KF_CASE)
+#undef KF_CASE
+    default:  // prepare_inputs converts every other dtype
+      TORCH_CHECK(false, "koemorph_fused (CUDA): unexpected continuity dtype ", mask.scalar_type());
   }
 }
 
