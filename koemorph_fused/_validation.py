@@ -144,8 +144,6 @@ def normalize_indices(name: str, indices: Any, cols: int) -> tuple[int, ...]:
         items = tuple(indices)
     except TypeError:
         raise TypeError(f"{name} must be a sequence of ints, got {_type_name(indices)}") from None
-    if all(type(i) is int for i in items) and (not items or (min(items) >= 0 and max(items) < cols)):
-        return items  # plain ints in [0, C): the checks below would return them unchanged
     out = []
     for i in items:
         if type(i) is not int:  # numpy and torch integers are fine; bools and floats are not

@@ -284,6 +284,8 @@ def resolve(spec: Any, layout: Optional[Layout] = None, *, argument: str = "indi
         ValueError: names without a layout, or see :func:`indices`.
         TypeError: a list that mixes names and column numbers.
     """
+    if layout is not None:
+        _layout_names(layout)  # a misspelt layout is an error even where numbers make it unneeded
     if isinstance(spec, str):
         patterns: tuple[Any, ...] = (spec,)
     elif isinstance(spec, (list, tuple)) and spec and isinstance(spec[0], str):
@@ -315,8 +317,7 @@ def preset(name: str, layout: Optional[Layout] = None) -> Groups:
     (47, 48, 49, 50)
     """
     if name == "seed":
-        if layout is not None:
-            _layout_names(layout)  # a misspelt layout is an error even where it is not needed
+        resolve(MOUTH_INDICES, layout)  # checks a given layout
         return Groups(MOUTH_INDICES, EXPRESSION_INDICES)
     if name == "semantic":
         if layout is None:

@@ -183,7 +183,7 @@ def _defaults_entries(defaults: Any) -> list[tuple[str, str]]:
     return [(key, option) for key, option, _ in entries]
 
 
-def _compose(name: str, config: dict, text: str, depth: int, files: list[str], missing: list[str]) -> dict:
+def _compose(name: str, config: dict, depth: int, files: list[str], missing: list[str]) -> dict:
     """The config Hydra would compose from ``name`` (see the module docstring)."""
     entries = _defaults_entries(config.get("defaults"))
     own = {k: v for k, v in config.items() if k != "defaults"}
@@ -211,7 +211,7 @@ def _compose(name: str, config: dict, text: str, depth: int, files: list[str], m
         if not isinstance(sub, Mapping):
             raise ConfigError(f"{path}: expected a YAML mapping (pulled in by the defaults of {name}), "
                               f"got {type(sub).__name__}")
-        sub = _compose(path, dict(sub), sub_text, depth + 1, files, missing)
+        sub = _compose(path, dict(sub), depth + 1, files, missing)
         header = _package_header(sub_text)
         if package:
             target = package
@@ -250,6 +250,8 @@ def _indices_value(where: str, key: str, value: Any) -> Any:
     for item in value:
         if isinstance(item, bool) or not isinstance(item, (int, str)):
             raise TypeError(f"{where}.{key}: expected column numbers or names, got {type(item).__name__} {item!r}")
+    if len({isinstance(item, str) for item in value}) > 1:
+        raise TypeError(f"{where}.{key} mixes names and column numbers {value!r}; give one or the other")
     return tuple(value)
 
 
@@ -280,11 +282,11 @@ def load_loss_config(
         composed = _copy(path)
     elif isinstance(path, (str, os.PathLike)):
         name = os.fspath(path)
-        config, text = _read_yaml(name)
+        config, _ = _read_yaml(name)
         files.append(name)
         if not isinstance(config, Mapping):
             raise ConfigError(f"{name}: expected a YAML mapping with a loss section, got {type(config).__name__}")
-        composed = _compose(name, dict(config), text, 0, files, missing)
+        composed = _compose(name, dict(config), 0, files, missing)
     else:
         raise TypeError(f"path must be a str, os.PathLike or a mapping, got {type(path).__name__}")
     if section is not None and not isinstance(section, str):

@@ -20,6 +20,15 @@ def _is_exporting() -> bool:
     return bool(is_exporting and is_exporting())
 
 
+def _index_tuple(indices: Any) -> Any:
+    """The module's own copy of an index group, checked on every call like
+    any argument: a tuple (a 1-D tensor gives its values; another tensor is
+    kept for the check to name)."""
+    if isinstance(indices, torch.Tensor):
+        return tuple(indices.tolist()) if indices.dim() == 1 else indices
+    return tuple(indices)
+
+
 class KoeMorphLossModule(nn.Module):
     """Shared body of the fused and the reference loss modules."""
 
@@ -38,9 +47,10 @@ class KoeMorphLossModule(nn.Module):
     ) -> None:
         super().__init__()
         self.weights = LossWeights(mse_weight, l1_weight, perceptual_weight, temporal_weight, smoothing_weight)
-        # Names and patterns (with layout=) become column numbers here, once.
-        self.mouth_indices = tuple(resolve(mouth_indices, layout, argument="mouth_indices"))
-        self.expression_indices = tuple(resolve(expression_indices, layout, argument="expression_indices"))
+        # Names and patterns (with layout=) become column numbers here, once;
+        # a generator is read once, an index tensor becomes its ints.
+        self.mouth_indices = _index_tuple(resolve(mouth_indices, layout, argument="mouth_indices"))
+        self.expression_indices = _index_tuple(resolve(expression_indices, layout, argument="expression_indices"))
         #: The five unweighted terms of the last call, detached (None before the first call).
         self.last_terms: Optional[torch.Tensor] = None
 
@@ -123,10 +133,14 @@ class FusedKoeMorphLoss(KoeMorphLossModule):
         """``.to()``, ``.cuda()``, ``.half()``, ...: the weight buffer follows
         the module's device but stays float64 with the exact values of
         :attr:`weights`, whatever dtype the module is cast to."""
+        before = self._buffers["weight_values"]
         super()._apply(fn, *args, **kwargs)
-        device = self._buffers["weight_values"].device
-        # A private copy: the weights setter updates the buffer in place.
-        self._buffers["weight_values"] = self._weights.as_tensor().to(device, copy=True)
+        after = self._buffers["weight_values"]
+        # A no-op .to() keeps the very tensor (a captured CUDA graph reads it);
+        # anything that made a new one (a move, a cast, to_empty's
+        # uninitialized memory) gets a private float64 copy of the exact values.
+        if after is not before:
+            self._buffers["weight_values"] = self._weights.as_tensor().to(after.device, copy=True)
         return self
 
     def _loss(self, pred, target, prev, raw, continuity) -> LossOutput:

@@ -25,7 +25,7 @@ import os
 import sys
 from typing import Any, Optional, Sequence, Union
 
-from .cli_args import CommandLineError, plot_file
+from .cli_args import CommandLineError, int_arg, plot_file
 from .terms import TERM_NAMES
 
 _TERM_COLORS = {"mse": "tab:blue", "l1": "tab:orange", "perceptual": "tab:green", "temporal": "tab:purple",
@@ -176,16 +176,6 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def _dpi(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 10 <= value <= 1000:
-        raise argparse.ArgumentTypeError(f"expected an integer from 10 to 1000, got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Draw the per-term loss curves of a run from the CSV file that LossMonitor(csv=...) "
                           "writes, with phase boundaries, stride changes, file transitions and flagged steps "
@@ -195,7 +185,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the image to write (.png, .svg, .pdf, ...; default: RUN.png beside the CSV)")
     parser.add_argument("--size", type=_size, default=(1200, 800), metavar="WxH",
                         help="image size in pixels (default 1200x800)")
-    parser.add_argument("--dpi", type=_dpi, default=100, help="dots per inch (default 100)")
+    parser.add_argument("--dpi", type=int_arg(10, 1000), default=100, help="dots per inch, 10..1000 (default 100)")
     parser.add_argument("--title", help="figure title (default: the CSV's file name)")
 
 

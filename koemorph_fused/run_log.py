@@ -55,6 +55,10 @@ class CsvLog:
         target: a path (opened for appending; the header is written when the
             file is new or empty, and must match when it is not), or an open
             text file (written to, never closed here).
+
+    Appending to a run CSV continues it: the steps written follow the file's
+    last step (a new monitor counts from 0), so the file stays one run with
+    increasing steps, which :func:`read_csv` requires.
     """
 
     def __init__(self, target: Union[PathLike, io.TextIOBase]) -> None:
@@ -66,13 +70,24 @@ class CsvLog:
                 raise type(e)(e.errno, f"cannot open run CSV {self.name!r}: {e.strerror}") from e
             self._owned = True
             self._file.seek(0)
-            first = self._file.readline()
+            try:
+                lines = [cells for cells in csv.reader(self._file) if cells]
+            except UnicodeDecodeError:
+                self._file.close()
+                raise ValueError(f"{self.name}: exists and is not a LossMonitor run CSV (not UTF-8 text); "
+                                 "choose another file") from None
             self._file.seek(0, os.SEEK_END)
-            if first and next(csv.reader([first])) != list(CSV_COLUMNS):
+            if lines and lines[0] != list(CSV_COLUMNS):
                 self._file.close()
                 raise ValueError(f"{self.name}: exists and is not a LossMonitor run CSV (its first line is "
-                                 f"{first.strip()[:80]!r}); choose another file")
-            need_header = not first
+                                 f"{','.join(lines[0])[:80]!r}); choose another file")
+            need_header = not lines
+            if len(lines) > 1:
+                try:
+                    self._step_offset = int(lines[-1][CSV_COLUMNS.index("step")]) + 1
+                except (ValueError, IndexError):
+                    self._file.close()
+                    raise ValueError(f"{self.name}: its last row has no step; choose another file") from None
         elif hasattr(target, "write"):
             self.name = getattr(target, "name", "<stream>")
             self._file, self._owned, need_header = target, False, True
@@ -83,9 +98,12 @@ class CsvLog:
             self._writer.writerow(CSV_COLUMNS)
             self._file.flush()
 
+    _step_offset = 0
+
     def write(self, rows: list[dict[str, Any]]) -> None:
         """Append ``rows`` (LossMonitor rows) and flush the file."""
         for row in rows:
+            row = dict(row, step=row["step"] + self._step_offset)
             self._writer.writerow([_cell(row.get(c)) for c in CSV_COLUMNS])
         self._file.flush()
 
@@ -116,7 +134,7 @@ def read_csv(path: PathLike) -> list[dict[str, Any]]:
         got = ",".join(lines[0])[:80] if lines else "an empty file"
         raise ValueError(f"{name}: not a LossMonitor run CSV (expected the header {','.join(CSV_COLUMNS)}, "
                          f"got {got!r})")
-    rows = []
+    rows: list[dict[str, Any]] = []
     for number, cells in enumerate(lines[1:], start=2):
         if not cells:
             continue
@@ -136,6 +154,9 @@ def read_csv(path: PathLike) -> list[dict[str, Any]]:
         except (ValueError, KeyError) as e:
             raise ValueError(f"{name}:{number}: malformed cell ({e})") from None
         row["flags"] = [f for f in raw["flags"].split(";") if f]
+        if rows and row["step"] <= rows[-1]["step"]:
+            raise ValueError(f"{name}:{number}: step {row['step']} does not follow step {rows[-1]['step']}; "
+                             "a run CSV holds one run with increasing steps")
         rows.append(row)
     return rows
 

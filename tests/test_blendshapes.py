@@ -260,3 +260,24 @@ def test_module_rejects_names_without_layout():
         kf.FusedKoeMorphLoss(mouth_indices=("jaw*",))
     with pytest.raises(ValueError, match="expression_indices: pattern 'brw\\*'"):
         kf.reference.KoeMorphTemporalLoss(expression_indices=("brw*",), layout="arkit")
+
+
+@pytest.mark.parametrize("fn", [kf.temporal_loss, kf.reference.temporal_loss], ids=["fused", "reference"])
+def test_a_bad_layout_is_an_error_even_with_column_numbers(fn):
+    pred, target = torch.rand(4, 52), torch.rand(4, 52)
+    with pytest.raises(ValueError, match="unknown layout 'arkti'.*did you mean 'arkit'"):
+        fn(pred, target, layout="arkti")
+    with pytest.raises(TypeError, match="layout"):
+        fn(pred, target, layout=123)
+    with pytest.raises(ValueError, match="unknown layout"):
+        kf.FusedKoeMorphLoss(layout="nonsense")
+
+
+def test_module_takes_an_index_tensor_like_the_function():
+    pred, target = torch.rand(4, 52), torch.rand(4, 52)
+    groups = dict(mouth_indices=torch.arange(12, 22), expression_indices=torch.tensor([0, 0, -1]))
+    module = kf.FusedKoeMorphLoss(**groups)
+    assert module.mouth_indices == tuple(range(12, 22)) and module.expression_indices == (0, 0, -1)
+    assert torch.equal(module(pred, target), kf.temporal_loss(pred, target, **groups).total)
+    with pytest.raises(TypeError, match="mouth_indices"):
+        kf.FusedKoeMorphLoss(mouth_indices=torch.zeros(2, 2, dtype=torch.long))(pred, target)

@@ -272,3 +272,10 @@ def test_bad_groups(tmp_path, body, exc, pattern):
 def test_bad_section_argument(tmp_path):
     with pytest.raises(TypeError, match="section must be a str"):
         kf.load_loss_weights(write(tmp_path, SEED_CONFIG), section=["loss"])
+
+
+def test_a_group_that_starts_with_numbers_and_mixes_in_names_names_the_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("loss:\n  layout: arkit\n  mouth_indices: [12, jawOpen]\n")
+    with pytest.raises(TypeError, match=r"config\.yaml: loss\.mouth_indices mixes names"):
+        kf.load_loss_config(path)

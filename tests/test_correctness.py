@@ -345,3 +345,15 @@ def test_module_casts_keep_the_weights_exact(cast):
     loss_fn.weights = kf.LossWeights(mse=2.0)
     assert loss_fn.weight_values.tolist()[0] == 2.0
     assert kf.LossWeights().as_tensor().tolist()[0] == 1.0
+
+
+def test_moving_the_module_where_it_is_keeps_its_weight_buffer():
+    """A no-op .to() keeps the very buffer (a captured CUDA graph reads it);
+    assigning weights afterwards updates that buffer."""
+    loss_fn = kf.FusedKoeMorphLoss()
+    buffer = loss_fn.weight_values
+    loss_fn.to("cpu")
+    loss_fn.to(torch.device("cpu"))
+    assert loss_fn.weight_values is buffer
+    loss_fn.weights = kf.LossWeights(temporal=0.9)
+    assert buffer.tolist() == list(kf.LossWeights(temporal=0.9).as_tuple())

@@ -248,3 +248,32 @@ def test_cli_plot_bad_path_in_a_subprocess(tmp_path):
     assert proc.stderr.splitlines() == [
         f"koemorph-fused: error: plot: {tmp_path / 'nope.csv'}: no such file (see koemorph-fused plot --help)"]
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_appending_to_a_run_csv_continues_its_steps(tmp_path):
+    path = tmp_path / "run.csv"
+    for _ in range(2):  # a run, then a resumed run with a new monitor (steps from 0 again)
+        with kf.LossMonitor(csv=path) as mon:
+            for _ in range(3):
+                mon.record(kf.temporal_loss(torch.rand(2, 52), torch.rand(2, 52)))
+            mon.flush()
+    assert [row["step"] for row in read_csv(path)] == list(range(6))
+
+
+def test_a_csv_whose_steps_restart_is_not_one_run(tmp_path):
+    path = tmp_path / "two_runs.csv"
+    with kf.LossMonitor(csv=path) as mon:
+        mon.record(kf.temporal_loss(torch.rand(2, 52), torch.rand(2, 52)))
+        mon.record(kf.temporal_loss(torch.rand(2, 52), torch.rand(2, 52)))
+        mon.flush()
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines + lines[1:]) + "\n")  # the same steps again
+    with pytest.raises(ValueError, match=r"two_runs\.csv:4: step 0 does not follow step 1"):
+        read_csv(path)
+
+
+def test_an_existing_file_that_is_not_utf8_is_refused_by_name(tmp_path):
+    path = tmp_path / "binary.csv"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ValueError, match=r"binary\.csv.*not UTF-8"):
+        kf.LossMonitor(csv=path)

@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from .._ops import accumulation_dtype
 from ..terms import TERM_NAMES
 
 #: The compared quantities, in the order of :attr:`StepChecker.ratios`' columns.
@@ -43,12 +44,6 @@ GRADIENT_CONTRIBUTIONS = 4
 #: the three additions that combine the contributions: 5 + 1 + 1 + 1 + 3 = 11,
 #: rounded up.
 GRADIENT_ROUNDINGS = 12
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype both losses compute in: float64 for float64 inputs, float32
-    otherwise (float16/bfloat16 are widened, as the contract says)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -256,4 +251,4 @@ def verdict(ratios: list[list[float]], dtype_errors: list[str], tolerance: Optio
                    tuple(dtype_errors), tolerance)
 
 
-__all__ = ["QUANTITIES", "StepChecker", "StepResult", "Tolerance", "Verdict", "accumulation_dtype", "verdict"]
+__all__ = ["QUANTITIES", "StepChecker", "StepResult", "Tolerance", "Verdict", "verdict"]
