@@ -15,8 +15,8 @@ Variants (fwdbwd: pred.grad = raw.grad = None, then forward and backward):
                  the saved (preallocated) gradients
   function       _ops.FusedTemporalLoss.apply on prepared arguments: the Python
                  autograd Function of traced calls and transforms, with the
-                 real forward operator (its backward scales with plain torch
-                 ops), without the argument checks of temporal_loss
+                 real operators (forward kernel + scale_gradients), without
+                 the argument checks of temporal_loss
   node           _ops._fast_loss on prepared arguments: the C++ autograd node
                  that eager calls use (csrc/loss_autograd.cpp), without the checks
   fused          kf.temporal_loss (checks, column weights, LossOutput) = the bench's fused

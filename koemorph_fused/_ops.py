@@ -143,7 +143,7 @@ class FusedTemporalLoss(torch.autograd.Function):
     keep them in; they are marked non-differentiable.
     """
 
-    generate_vmap_rule = True  # the operator has a vmap rule; everything else is plain torch
+    generate_vmap_rule = True  # both operators have vmap rules; everything else is plain torch
 
     @staticmethod
     def forward(pred, target, prev, raw, continuity, column_weights, weights, want_pred, want_target, want_raw):
