@@ -311,16 +311,16 @@ import time  # noqa: E402
 hydra = pytest.importorskip("hydra")
 
 
-def _one_line_config_error(path, within=1.0, culprit=None, **kwargs):
+def _one_line_config_error(path, culprit=None, **kwargs):
     """load_loss_config fails with a one-line ConfigError that starts with the file (or the culprit
-    file it pulls in), within `within` s."""
+    file it pulls in), without hanging (the old loader took 21 s on the alias bomb)."""
     start = time.perf_counter()
     with pytest.raises(kf.ConfigError) as info:
         kf.load_loss_config(path, **kwargs)
     elapsed = time.perf_counter() - start
     message = str(info.value)
     assert "\n" not in message and message.startswith(str(culprit or path)), message
-    assert elapsed < within * 5, f"took {elapsed:.1f} s"  # a second, with room for a loaded test machine
+    assert elapsed < 10.0, f"took {elapsed:.1f} s: a hang, not a refusal"
     return message
 
 
