@@ -125,14 +125,35 @@ def check_inputs(
     return pred, target, prev, raw, mask
 
 
+def _mask_columns(name: str, mask: torch.Tensor, cols: int) -> tuple[int, ...]:
+    """The columns a 1-D bool or uint8 tensor selects: as in ``x[..., mask]``,
+    it is a mask of C entries (torch reads a uint8 index as a mask too). A
+    uint8 entry other than 0 or 1 is an error: such a tensor was meant to hold
+    column numbers, which need an integer dtype such as torch.long."""
+    if mask.numel() != cols:
+        raise ValueError(f"{name} is a {mask.dtype} tensor, a mask as in pred[..., {name}]: it needs C = {cols} "
+                         f"entries, got {mask.numel()}; for column numbers use an integer tensor (torch.long)")
+    values = mask.tolist()
+    if mask.dtype == torch.uint8:
+        other = next((v for v in values if v not in (0, 1)), None)
+        if other is not None:
+            raise ValueError(f"{name} is a uint8 tensor, a mask as in pred[..., {name}] (entries 0 or 1), but "
+                             f"holds {other}; for column numbers use an integer tensor (torch.long)")
+    return tuple(i for i, v in enumerate(values) if v)
+
+
 def normalize_indices(name: str, indices: Any, cols: int) -> tuple[int, ...]:
     """Column indices as non-negative ints, used the way ``x[..., indices]``
     uses them: repeats kept, negatives counted from the end, each in [-C, C).
 
     Every call of the fused loss and of the reference validates its index
     arguments here, so the answer never depends on what ran before. Accepts a
-    sequence or iterable of ints (a generator is read once) or a 1-D integer
-    tensor; rejects floats and bools, even integral ones (``12.0``, ``True``)."""
+    sequence or iterable of ints (a generator is read once), a 1-D integer
+    tensor (column numbers), or a 1-D bool or uint8 tensor of C entries: a
+    mask, as ``x[..., mask]`` reads it (see :func:`_mask_columns`); rejects
+    floats and bools in a sequence, even integral ones (``12.0``, ``True``)."""
+    if isinstance(indices, torch.Tensor) and indices.dim() == 1 and indices.dtype in (torch.bool, torch.uint8):
+        return _mask_columns(name, indices, cols)
     if isinstance(indices, torch.Tensor):
         if indices.dim() > 1 or indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
             raise TypeError(f"{name} must be a 1-D integer tensor or a sequence of ints, got {indices.dtype} "

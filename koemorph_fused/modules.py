@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .blendshapes import Layout, resolve
+from .blendshapes import Layout, check_width, resolve
 from .functional import Continuity, fused_temporal_loss, temporal_loss
 from .terms import EXPRESSION_INDICES, MOUTH_INDICES, LossOutput
 from .weights import LossWeights, resolve_weights
@@ -22,10 +22,13 @@ def _is_exporting() -> bool:
 
 def _index_tuple(indices: Any) -> Any:
     """The module's own copy of an index group, checked on every call like
-    any argument: a tuple (a 1-D tensor gives its values; another tensor is
-    kept for the check to name)."""
+    any argument: a tuple (a 1-D integer tensor gives its values; a bool or
+    uint8 mask, which needs C to be read, and any other tensor are kept for
+    the check)."""
     if isinstance(indices, torch.Tensor):
-        return tuple(indices.tolist()) if indices.dim() == 1 else indices
+        if indices.dim() == 1 and indices.dtype not in (torch.bool, torch.uint8):
+            return tuple(indices.tolist())
+        return indices.detach().clone()
     return tuple(indices)
 
 
@@ -51,6 +54,8 @@ class KoeMorphLossModule(nn.Module):
         # a generator is read once, an index tensor becomes its ints.
         self.mouth_indices = _index_tuple(resolve(mouth_indices, layout, argument="mouth_indices"))
         self.expression_indices = _index_tuple(resolve(expression_indices, layout, argument="expression_indices"))
+        # Checked against each call's C: a layout names every column of the data.
+        self._layout = layout if layout is None or isinstance(layout, str) else tuple(layout)
         #: The five unweighted terms of the last call, detached (None before the first call).
         self.last_terms: Optional[torch.Tensor] = None
 
@@ -73,6 +78,7 @@ class KoeMorphLossModule(nn.Module):
         continuity: Continuity = None,
     ) -> torch.Tensor:
         """The weighted total (0-dim); the terms are kept in :attr:`last_terms`."""
+        check_width(self._layout, pred)
         out = self._loss(pred, target, prev, raw, continuity)
         if not _is_exporting():  # an exported program has no place for module state
             self.last_terms = out.terms.detach()

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .blendshapes import Layout, resolve
+from .blendshapes import Layout, check_width, resolve
 from ._validation import check_inputs, normalize_indices
 from .functional import Continuity, Weights
 from .modules import KoeMorphLossModule
@@ -41,6 +41,7 @@ def temporal_loss(
     w = resolve_weights(weights)
     mouth_indices = resolve(mouth_indices, layout, argument="mouth_indices")
     expression_indices = resolve(expression_indices, layout, argument="expression_indices")
+    check_width(layout, pred)
     pred, target, prev, raw, mask = check_inputs(pred, target, prev, raw, continuity)
     cols = pred.shape[-1]
     mouth = normalize_indices("mouth_indices", mouth_indices, cols)
