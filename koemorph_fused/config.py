@@ -76,6 +76,11 @@ LIMITS: dict[str, int] = {"bytes": 64 * 1024, "nodes": 10_000, "depth": 64, "fil
 _HYDRA_KEY = re.compile(r"^_[A-Za-z0-9]+_$")  # _target_, _partial_, _recursive_, _convert_, _args_
 # An alias (*name) where YAML allows one: files without any skip the full check.
 _ALIAS = re.compile(r"(?:^|[\s\[{,:?-])\*[^\s,\[\]{}]")
+# Quoted strings and comments, whose brackets do not nest anything.
+_NOT_FLOW = re.compile(r'"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\n]|\'\')*\'|(?:^|(?<=\s))#[^\n]*', re.M)
+_FLOW = re.compile(r"[\[\]{}]")
+# The indentation of a line, "- " entries included: block nesting needs at least one column per level.
+_INDENT = re.compile(r"^[ \t-]*", re.M)
 _INSTALL = "pip install 'koemorph_fused[config]' (or: pip install 'hydra-core>=1.3,<1.4')"
 
 
@@ -140,6 +145,17 @@ def _read_text(name: str) -> str:
                           "save the config as UTF-8") from None
 
 
+def _flow_depth(name: str, text: str) -> None:
+    """Refuse deeply nested ``[[[...`` / ``{{{...`` before PyYAML's scanner,
+    which looks ahead through every open bracket (seconds for a few thousand)."""
+    depth = 0
+    for m in _FLOW.finditer(_NOT_FLOW.sub("", text)):
+        depth = depth + 1 if m.group() in "[{" else max(depth - 1, 0)
+        if depth > LIMITS["depth"]:
+            line = text.count("\n", 0, m.start()) + 1 if "\n" in text else 1
+            raise ConfigError(f"{name}:{line}: nested more than {LIMITS['depth']} levels deep")
+
+
 def _check_structure(name: str, text: str, *, strict: bool = True) -> tuple[Optional[str], bool]:
     """Walk the YAML event stream (no recursion, no objects built) and check
     :data:`LIMITS`, recursive and undefined aliases and duplicate keys.
@@ -150,6 +166,7 @@ def _check_structure(name: str, text: str, *, strict: bool = True) -> tuple[Opti
     the file to report (Hydra names it), and so is a duplicate key."""
     import yaml
 
+    _flow_depth(name, text)
     # Per open collection: [anchor, expanded nodes before it, deepest child depth, keys seen, is mapping, child #]
     stack: list[list[Any]] = []
     anchors: dict[str, tuple[int, int]] = {}  # anchor -> (expanded nodes, depth) of its finished node
@@ -254,8 +271,10 @@ def _check_folder(root: str, primary: str) -> None:
                     raise ConfigError(f"{primary}: its folder {root} holds more than {LIMITS['files']} YAML "
                                       "files; keep the configs in a folder of their own")
                 text = _read_text(entry.path)
-                if _ALIAS.search(text) or text.count("[") + text.count("{") > LIMITS["depth"]:
+                if _ALIAS.search(text) or max(map(len, _INDENT.findall(text)), default=0) > LIMITS["depth"]:
                     _check_structure(entry.path, text, strict=False)
+                else:
+                    _flow_depth(entry.path, text)
 
 
 def _load_file(name: str) -> tuple[Any, tuple[str, ...]]:
@@ -305,8 +324,9 @@ def _compose_with_hydra(name: str) -> tuple[Any, tuple[str, ...]]:
             defaults = GlobalHydra.instance().config_loader().compute_defaults_list(
                 config_name=config_name, overrides=[], run_mode=RunMode.RUN)
     except RecursionError:
-        raise ConfigError(f"{name}: Hydra cannot compose it: its defaults lists include a config from itself "
-                          "(directly or through others, e.g. 'defaults: [a, a]' in a.yaml)") from None
+        raise ConfigError(f"{name}: Hydra cannot compose it: maximum recursion depth exceeded (its defaults lists "
+                          "include a config from itself, directly or through others, e.g. 'defaults: [a, a]' in "
+                          "a.yaml)") from None
     except ConfigError:
         raise
     except Exception as e:

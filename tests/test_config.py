@@ -449,11 +449,27 @@ def test_alias_bomb_in_a_group_file_is_refused_before_hydra_reads_it(tmp_path):
 
 @pytest.mark.parametrize("text", [
     "loss: " + "[" * 3000 + "]" * 3000 + "\n",
+    "loss: " + "[" * 30000 + "]" * 30000 + "\n",
+    "loss:\n" + "- " * 300 + "x\n",
     "loss: " + "{a: " * 3000 + "1" + "}" * 3000 + "\n",
     "".join("  " * i + f"k{i}:\n" for i in range(200)) + "  " * 200 + "v: 1\n",
 ])
 def test_deep_nesting_is_refused(tmp_path, text):
     assert "nested more than" in _one_line_config_error(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("text", [
+    "".join(" " * i + f"k{i}:\n" for i in range(300)) + " " * 300 + "v: 1\n",
+    "x: " + "[" * 3000 + "]" * 3000 + "\n",
+])
+def test_deep_nesting_in_a_group_file_is_refused_before_hydra_reads_it(tmp_path, text):
+    main = _tree(tmp_path, {"main.yaml": "defaults:\n  - training: t\n", "training/t.yaml": text})
+    assert "nested more than" in _one_line_config_error(main, culprit=tmp_path / "training" / "t.yaml")
+
+
+def test_brackets_in_strings_and_comments_are_not_nesting(tmp_path):
+    text = "note: '" + "[" * 100 + "'\nother: \"" + "{" * 100 + "\"  # " + "[" * 100 + "\nloss:\n  l1_weight: 0.2\n"
+    assert kf.load_loss_weights(write(tmp_path, text)) == kf.LossWeights(l1=0.2)
 
 
 def test_recursive_and_undefined_aliases(tmp_path):
