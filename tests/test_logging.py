@@ -286,11 +286,15 @@ def _loss(value=0.5):
     return kf.temporal_loss(torch.full((2, 52), value), torch.zeros(2, 52))
 
 
-def test_the_csv_folder_is_created(tmp_path):
-    path = tmp_path / "runs" / "exp1" / "run.csv"
+def _steps_after_one_more_record(path):
+    """Record one step with a new monitor on the CSV, leave its with block, and read the steps back."""
     with kf.LossMonitor(csv=path) as mon:
         mon.record(_loss())
-    assert [r["step"] for r in read_csv(path)] == [0]
+    return [r["step"] for r in read_csv(path)]
+
+
+def test_the_csv_folder_is_created(tmp_path):
+    assert _steps_after_one_more_record(tmp_path / "runs" / "exp1" / "run.csv") == [0]
 
 
 def test_leaving_with_flushes(tmp_path):
@@ -401,9 +405,7 @@ def test_a_torn_header_is_repaired(tmp_path):
     path = tmp_path / "run.csv"
     path.write_text("step,epoch,ph")
     with pytest.warns(RuntimeWarning, match="cut short"):
-        with kf.LossMonitor(csv=path) as mon:
-            mon.record(_loss())
-    assert [r["step"] for r in read_csv(path)] == [0]
+        assert _steps_after_one_more_record(path) == [0]
 
 
 def test_two_writers_on_one_csv_are_refused(tmp_path):
@@ -416,9 +418,7 @@ def test_two_writers_on_one_csv_are_refused(tmp_path):
         proc = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
         assert "another LossMonitor is writing" in proc.stdout
         first.record(_loss())
-    with kf.LossMonitor(csv=path) as second:  # the lock goes with the first monitor
-        second.record(_loss())
-    assert [r["step"] for r in read_csv(path)] == [0, 1]
+    assert _steps_after_one_more_record(path) == [0, 1]  # the lock went with the first monitor
 
 
 def test_appending_continues_the_steps_in_csv_and_tensorboard_alike(tmp_path):
