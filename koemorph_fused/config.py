@@ -334,12 +334,10 @@ def _compose_with_hydra(name: str) -> tuple[Any, tuple[str, ...]]:
     finally:
         restore_gh_from_backup(backup)
     files = [path]
-    for d in defaults.defaults:
-        if d.config_path is None or d.is_self or d.config_path == config_name or d.package.startswith("hydra"):
-            continue
-        if d.parent is None and d.config_path.startswith("hydra/"):
-            continue
-        files.append(os.path.normpath(os.path.join(root, d.config_path + ".yaml")))
+    for d in defaults.defaults:  # the configs Hydra read, in order; its own (hydra/...) come from its package
+        file = os.path.normpath(os.path.join(root, d.config_path + ".yaml")) if d.config_path else None
+        if file is not None and file not in files and os.path.isfile(file):
+            files.append(file)
     return cfg, tuple(files)
 
 

@@ -31,11 +31,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any, Optional, Union
 
 import torch
-
-import warnings
 
 from .run_log import FLAGS, SEQUENCE_TERM_NAMES, CsvLog, TensorBoardLog
 from .terms import TERM_NAMES, LossOutput

@@ -362,8 +362,9 @@ def test_same_weights_as_hydra_compose(tmp_path):
     assert cfg.weights == expected == kf.LossWeights(l1=0.1, perceptual=0.7, temporal=0.2, smoothing=0.05)
     assert cfg.velocity_weight == loss.velocity_weight == 0.25  # the override's, through the interpolation
     assert cfg.section == "training.loss"
-    assert str(tmp_path / "training" / "schedule" / "fast.yaml") in cfg.files
-    assert not any(f.endswith("slow.yaml") for f in cfg.files)
+    assert cfg.files == tuple(str(tmp_path / f) for f in (
+        "dual_stream_config.yaml", "data/default.yaml", "model/dual_stream.yaml", "training/schedule/fast.yaml",
+        "training/default.yaml"))  # in Hydra's order: a config's defaults before its own content
 
 
 def test_the_repository_fixture_matches_hydra_compose():
