@@ -482,3 +482,17 @@ def test_cli_plot_never_writes_over_its_input(tmp_path, capsys):
     assert path.read_bytes() == before
     with pytest.raises(ValueError, match="would write over"):
         plot_run(path, path)
+
+
+def test_cli_plot_draws_a_csv_with_a_torn_last_line_and_says_so(tmp_path, capsys):
+    path = tmp_path / "run.csv"
+    with kf.LossMonitor(csv=path) as mon:
+        for _ in range(3):
+            mon.record(_loss())
+    text = path.read_text()
+    path.write_text(text[:-20])  # the run was killed while writing its last row
+    assert cli.main(["plot", str(path), "-o", str(tmp_path / "run.png")]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line]
+    assert len(warnings) == 1 and "warning" in warnings[0] and "cut short" in warnings[0]
+    assert "2 steps (0..1)" in captured.out and (tmp_path / "run.png").stat().st_size > 0
