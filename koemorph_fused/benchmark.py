@@ -265,6 +265,10 @@ def _compile_step(case: Case, x: Inputs) -> Step:
     first call (forward and, in fwdbwd, backward), which is timed as setup."""
     import torch._inductor.config as inductor_config
 
+    from ._loader import import_cpp_extension
+
+    import_cpp_extension()  # inductor imports it: without its CPU-only "No CUDA runtime" warning
+
     # Compile in this process: a pool of compile-worker processes would warm
     # up (import torch, ~seconds of CPU each) while the other providers are
     # being timed, on a machine with only a few cores.
@@ -873,7 +877,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the loss and total.backward(), with pred and raw requiring grad.\n"
         "Bytes (N = B*52 elements): fwd reads 4N; fwdbwd moves 10N (forward reads 4 inputs and\n"
         "writes 2 gradients, backward reads and writes the 2 gradients). GB/s = bytes / median.\n"
-        "The copy moves the same bytes, so %%copy = copy time / fused time.\n"
+        "The copy moves the same bytes, so %copy = copy time / fused time.\n"
         "Ratios (eager/fused, compile/fused, fused/floor) are of medians from the same run;\n"
         "[lo-hi] is the range of the per-round ratios. compile time is reported separately."
     )

@@ -102,6 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where to check (default: every available device)")
     parser.add_argument("--quick", action="store_true", help="a few representative cases only")
     parser.add_argument("--verbose", "-v", action="store_true", help="print every case, not only failures")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -113,7 +114,7 @@ def main(args: argparse.Namespace) -> int:
     todo = list(cases(devices, quick=args.quick))
     failures = 0
     worst: dict[tuple[str, torch.dtype], tuple[float, float]] = {}
-    for case in tqdm(todo, desc="fused vs reference", unit="case", leave=False):
+    for case in tqdm(todo, desc="fused vs reference", unit="case", leave=False, disable=args.no_progress):
         err_v, err_g, ok = run_case(case)
         key = (case.device, case.dtype)
         prev_v, prev_g = worst.get(key, (0.0, 0.0))

@@ -123,8 +123,21 @@ class FusedKoeMorphLoss(KoeMorphLossModule):
 
     _loss_function = staticmethod(temporal_loss)
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        mse_weight: float = 1.0,
+        l1_weight: float = 0.1,
+        perceptual_weight: float = 0.5,
+        temporal_weight: float = 0.2,
+        smoothing_weight: float = 0.1,
+        mouth_indices: Sequence[int] = MOUTH_INDICES,
+        expression_indices: Sequence[int] = EXPRESSION_INDICES,
+        layout: Optional[Layout] = None,
+    ) -> None:
+        # The keywords spelt out (not *args, **kwargs), so that help() and
+        # inspect.signature show them.
+        super().__init__(mse_weight, l1_weight, perceptual_weight, temporal_weight, smoothing_weight,
+                         mouth_indices, expression_indices, layout)
         # (5,) float64; moves with the module but is never cast (see _apply).
         self.register_buffer("weight_values", self._weights.as_tensor().clone(), persistent=False)
 

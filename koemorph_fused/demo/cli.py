@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from ..cli_args import CommandLineError, float_arg, int_arg, plot_file, seed_arg, thread_count
+from ..cli_args import CommandLineError, float_arg, int_arg, output_file, plot_file, seed_arg, thread_count
 from ..config import load_loss_weights
 from ..reference import KoeMorphTemporalLoss
 from ..schedule import TrainingSchedule
@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(TrainingSchedule.from_base); the perceptual groups stay the demo's")
     parser.add_argument("--plot", metavar="FILE.png", type=plot_file,
                         help="save the term curves and the per-step error/tolerance ratios to this image")
+    parser.add_argument("--csv", metavar="RUN.csv", type=output_file,
+                        help="write the fused run's monitor rows (one per step: epoch, phase, stride, the five terms, "
+                             "total, flags) to this CSV, replacing it; draw it with: koemorph-fused plot RUN.csv")
     parser.add_argument("--reference-run", action="store_true",
                         help="also train a second model on the reference loss (same seed) and show its curves next "
                              "to the fused run's (--plot) and how far they drift apart; a picture, not the verdict")
@@ -140,8 +143,10 @@ def _run(args: argparse.Namespace, base) -> int:
 
         return bar, on_epoch
 
+    if args.csv:
+        open(args.csv, "w").close()  # a new run: the monitor would continue an existing run CSV
     bar, on_epoch = progress("fused")
-    fused = demo_run(cfg, corpus, on_step=bar.update, on_epoch=on_epoch)
+    fused = demo_run(cfg, corpus, on_step=bar.update, on_epoch=on_epoch, csv=args.csv)
     bar.close()
     runs = [fused]
     if args.reference_run:
@@ -174,6 +179,8 @@ def _run(args: argparse.Namespace, base) -> int:
     if args.plot:
         plot(args.plot, runs, schedule, cfg.steps_per_epoch)
         print(f"plot: {args.plot}")
+    if args.csv:
+        print(f"run CSV: {args.csv} ({len(fused.rows)} rows; draw it with: koemorph-fused plot {args.csv})")
     print(f"wall time: {time.perf_counter() - start:.1f} s")
     dtype = cfg.dtype
     if verdict.ok:
