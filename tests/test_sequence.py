@@ -109,7 +109,7 @@ def test_counts_make_the_mean_over_micro_batches_exact(loss):
     g = torch.Generator().manual_seed(5)
     pred, target, raw, prev, prev_target = rand_windows(5, 9, 52, torch.float64, g)
     pred[2:] *= 3  # the two micro-batches differ, so a mean of their means is off
-    lengths = torch.tensor([9, 3, 7, 0, 5])
+    lengths = torch.tensor([9, 3, 7, 0, 2])
     kwargs = dict(raw=raw, prev=prev, prev_target=prev_target, velocity_weight=0.5)
     whole = loss(pred, target, lengths=lengths, **kwargs)
     parts = [slice(0, 2), slice(2, 5)]
