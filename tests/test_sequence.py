@@ -177,7 +177,7 @@ def test_velocity_moves_both_frames_and_target_gets_its_gradient():
     w = kf.LossWeights(mse=0, l1=0, perceptual=0, temporal=0, smoothing=0)
     for loss in LOSSES:
         pred.grad = target.grad = None
-        out = loss(pred, target, weights=w, velocity_weight=1.0)
+        out = loss(pred, target, weights=w, velocity_weight=1.0, mouth_indices=[], expression_indices=[])
         assert out.terms[5].item() == 1.0 and out.counts[5].item() == 1    # ((0 - 0) - (1 - 0))^2
         out.total.backward()
         # d/dpred[1] = 2/3 * (dp - dt) = -2/3; frame 0 gets the opposite
