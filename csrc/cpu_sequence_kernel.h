@@ -73,7 +73,10 @@ struct FrameCoefficients {
   using AVec = typename Io<scalar_t>::AVec;
   using acc_t = typename Io<scalar_t>::acc_t;
   acc_t scale;
-  AVec kd_scale, l1, smoothing, temporal, velocity;
+  AVec kd_scale, temporal, velocity;
+  // scaled_sign needs a coefficient >= 0: l1 and smoothing hold |scale| times
+  // theirs, and `flip` (the sign bit of a negative scale) is XORed in after.
+  AVec l1, smoothing, flip;
   bool temporal_on, velocity_on;  // the coefficient is not 0 (0 * NaN must not leak)
 };
 
@@ -84,9 +87,11 @@ KF_HD FrameCoefficients<scalar_t> frame_coefficients(const SequenceProblem<scala
   FrameCoefficients<scalar_t> k;
   k.scale = pb.frame_scale ? pb.frame_scale[f] : acc_t(1);
   const acc_t t = pb.k_temporal * k.scale, v = pb.k_velocity * k.scale;
+  const acc_t magnitude = k.scale < acc_t(0) ? -k.scale : k.scale;
   k.kd_scale = AVec(k.scale);
-  k.l1 = AVec(pb.k_l1 * k.scale);
-  k.smoothing = AVec(pb.k_smoothing * k.scale);
+  k.l1 = AVec(pb.k_l1 * magnitude);
+  k.smoothing = AVec(pb.k_smoothing * magnitude);
+  k.flip = AVec(k.scale < acc_t(0) ? acc_t(-0.0) : acc_t(0));
   k.temporal = AVec(t);
   k.velocity = AVec(v);
   k.temporal_on = t != acc_t(0);
@@ -164,13 +169,13 @@ KF_HD void frame_step(const SequenceProblem<scalar_t>& pb, const FrameView<scala
     if constexpr (kRaw) sm = p[j] - r[j];
     if constexpr (kGrads) {
       // difference_gradient of loss_math.h, its keep_nonzero mask precomputed.
-      const AVec gd = (kd_keep[j] & (kd[j] * k.kd_scale * d)) + Lanes<AVec>::scaled_sign(d, k.l1);
+      const AVec gd = (kd_keep[j] & (kd[j] * k.kd_scale * d)) + (Lanes<AVec>::scaled_sign(d, k.l1) ^ k.flip);
       AVec gp = gd, gt = gd.neg();
       if constexpr (kPair >= 1) {
         if (k.temporal_on) gp = gp + temporal_gradient(e, k.temporal);  // pred[t-1] detached
       }
       if constexpr (kRaw) {
-        const AVec gs = smoothing_gradient(sm, k.smoothing);
+        const AVec gs = smoothing_gradient(sm, k.smoothing) ^ k.flip;
         gp = gp + gs;
         g_raw[j] = gs.neg();
       }
