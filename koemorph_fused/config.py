@@ -122,6 +122,16 @@ class LossConfig(NamedTuple):
         return {"weights": self.weights, "mouth_indices": self.mouth_indices,
                 "expression_indices": self.expression_indices}
 
+    def sequence_module_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`~koemorph_fused.FusedKoeMorphSequenceLoss`
+        (or the reference module): :meth:`module_kwargs` and ``velocity_weight``."""
+        return {**self.module_kwargs(), VELOCITY_KEY: self.velocity_weight}
+
+    def sequence_loss_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`~koemorph_fused.sequence_loss` (or the
+        reference): :meth:`loss_kwargs` and ``velocity_weight``."""
+        return {**self.loss_kwargs(), VELOCITY_KEY: self.velocity_weight}
+
 
 def _first_line(e: BaseException) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]

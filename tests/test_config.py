@@ -361,6 +361,11 @@ def test_same_weights_as_hydra_compose(tmp_path):
     expected = kf.LossWeights.from_config({k: loss[k] for k in kf.weights.CONFIG_KEYS})
     assert cfg.weights == expected == kf.LossWeights(l1=0.1, perceptual=0.7, temporal=0.2, smoothing=0.05)
     assert cfg.velocity_weight == loss.velocity_weight == 0.25  # the override's, through the interpolation
+    seq_fn = kf.FusedKoeMorphSequenceLoss(**cfg.sequence_module_kwargs())
+    assert seq_fn.velocity_weight == 0.25 and seq_fn.weights == cfg.weights
+    pred = torch.rand(2, 4, 52)
+    torch.testing.assert_close(seq_fn(pred, pred.flip(1)),
+                               kf.sequence_loss(pred, pred.flip(1), **cfg.sequence_loss_kwargs()).total)
     assert cfg.section == "training.loss"
     assert cfg.files == tuple(str(tmp_path / f) for f in (
         "dual_stream_config.yaml", "data/default.yaml", "model/dual_stream.yaml", "training/schedule/fast.yaml",
