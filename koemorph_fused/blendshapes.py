@@ -19,8 +19,9 @@ only when someone writes the values into a row, and the common ones differ:
 ``"live_link_face"``
     The column order of the CSV files that Epic's Live Link Face app exports
     (``Timecode,BlendShapeCount,EyeBlinkLeft,...,TongueOut,HeadYaw,...``,
-    52 blend shapes followed by 9 head and eye rotations), which is also the
-    order of the values in its Live Link UDP packets. The regions come in the
+    52 blend shapes followed by 9 head and eye rotations); the values it
+    streams live (Live Link) come in the ``"arkit"`` order instead (see
+    docs/blendshapes.md). The regions come in the
     ARKit order, but two pairs are swapped: ``JawRight, JawLeft`` (columns
     15, 16) and ``MouthRight, MouthLeft`` (21, 22). The CSV spells the names
     in PascalCase (``EyeBlinkLeft``); names here match case-insensitively.
