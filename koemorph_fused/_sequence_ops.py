@@ -29,14 +29,13 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 
 from ._ops import accumulation_dtype, gradient_storage_dtype, scale_op
+from ._validation import REDUCTIONS
 from .sequence import frame_sets
 
 _torch_sequence = torch.ops.koemorph_fused.sequence_loss_forward.default
 
-#: The operator's ``reduction`` codes.
-REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 NUM_TERMS = 6
-_NONE, _MEAN, _SUM = 0, 1, 2
+_NONE, _MEAN, _SUM = (REDUCTIONS[name] for name in ("none", "mean", "sum"))
 
 
 def sequence_op(*args):
