@@ -227,10 +227,10 @@ def _can_hand_over(saved, grad_total, dtype) -> bool:
     ``retain_graph``, not ``create_graph``), and they are plain eager tensors
     (not traced, not under a torch.func transform, no tensor subclass)."""
     return (
-        saved[0].dtype == dtype
+        not torch.compiler.is_compiling()  # first: dynamo cannot trace the query below
+        and saved[0].dtype == dtype
         and _keep_graph is not None
         and not _keep_graph()
-        and not torch.compiler.is_compiling()
         and not _transform_active()
         and type(grad_total) is torch.Tensor
         and all(type(g) is torch.Tensor for g in saved)
