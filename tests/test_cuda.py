@@ -390,11 +390,11 @@ def test_build_reports_backends_and_architectures():
     lib = _ops.library
     registered = [
         torch._C._dispatch_has_kernel_for_dispatch_key(f"koemorph_fused::{name}", "CUDA")
-        for name in ("temporal_loss_forward", "scale_gradients")
+        for name in ("temporal_loss_forward", "scale_gradients", "scale_gradients_")
     ]
     archs = [a for a in lib.cuda_arch_list.split(",") if a]
     report = info.collect()
-    assert registered == [bool(lib.with_cuda)] * 2
+    assert registered == [bool(lib.with_cuda)] * 3
     assert report["backends"] == (["cpu", "cuda"] if lib.with_cuda else ["cpu"])
     assert report["cuda_architectures"] == archs
     if lib.with_cuda:
