@@ -199,6 +199,20 @@ def test_frame_scale_and_given_counts(dtype):
 
 
 @needs_cuda
+@needs_cpu_op
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int64, torch.uint8], ids=str)
+def test_lengths_of_any_integer_dtype_are_clamped(dtype):
+    """Direct callers may pass lengths outside [0, T]: read in place in any
+    integer dtype, clamped into [0, T] as on the CPU."""
+    case = make_case(4, 9, 52, torch.float32, valid="lengths", continuity=None)
+    values = [0, 12, 3, 9] if dtype == torch.uint8 else [-3, 12, 3, 9]
+    case["lengths"] = torch.tensor(values, dtype=dtype, device=DEVICE)
+    out = call(case, "mean")
+    assert out[2][0].item() == 9 + 3 + 9
+    assert_same_as_cpu(out, case, torch.float32, reduction="mean")
+
+
+@needs_cuda
 @pytest.mark.parametrize("grads", [(True, False, False), (False, True, False), (False, False, True),
                                    (False, False, False)])
 def test_only_requested_gradients_are_written(grads):
@@ -225,8 +239,8 @@ def strided(x, how):
         out = buf[1:].view(batch, frames, cols)
         out.copy_(x)
         return out
-    if how == "padded_frames":  # every frame 4 elements apart from the next: 8-byte vectors at most
-        buf = torch.empty(batch, frames, cols + 4, dtype=x.dtype, device=x.device)
+    if how == "padded_frames":  # frames cols + 2 elements apart: half-width vectors (float64: full)
+        buf = torch.empty(batch, frames, cols + 2, dtype=x.dtype, device=x.device)
         out = buf[..., :cols]
         out.copy_(x)
         return out
@@ -249,7 +263,8 @@ def test_strided_inputs_read_in_place(dtype, how, reduction):
     views = dict(case)
     for k in ("pred", "target", "raw"):
         views[k] = strided(case[k], how)
-    views["prev"] = case["prev"].t().contiguous().t()  # (B, C) with column stride B
+    if how == "transposed":
+        views["prev"] = case["prev"].t().contiguous().t()  # (B, C) with column stride B
     want = call(case, reduction)
     got = call(views, reduction)
     tol = TOL[dtype]

@@ -323,12 +323,9 @@ __global__ void __launch_bounds__(kThreads, kSequenceMinBlocks)
     const int64_t t1 = std::min(t0 + p.chunk_frames, p.T);
     const int n = static_cast<int>(std::min<int64_t>(V, p.C - c0));
 
-    acc_t cw[V], kd[V];
+    acc_t cw[V];
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-      cw[j] = j < n ? p.colw[c0 + j] : acc_t(0);
-      kd[j] = difference_coefficient(cw[j], k.mse, k.perceptual);
-    }
+    for (int j = 0; j < V; ++j) cw[j] = j < n ? p.colw[c0 + j] : acc_t(0);
 
     // pred / target of the frame before the current one (prev / prev_target
     // before frame 0): read only where frame t0 pairs with it.
@@ -379,7 +376,9 @@ __global__ void __launch_bounds__(kThreads, kSequenceMinBlocks)
             const acc_t pj = static_cast<acc_t>(xp[j]);
             const acc_t tj = static_cast<acc_t>(xt[j]);
             const acc_t d = pj - tj;
-            acc_t g = difference_gradient(d, kd[j], k.l1);
+            // (The coefficient of d is recomputed per element: kept per column
+            // it cost V more registers.)
+            acc_t g = difference_gradient(d, difference_coefficient(cw[j], k.mse, k.perceptual), k.l1);
             acc_t g_target = -g;
             accumulate_difference(frame, d, cw[j]);
             if (pair) {  // q = pred[b, t-1] (detached) or prev[b]
@@ -680,8 +679,8 @@ SequenceLaunch plan_v(const SequenceParams<scalar_t, grad_t>& p) {
   return p.raw.data ? plan_for<scalar_t, grad_t, V, true>(p) : plan_for<scalar_t, grad_t, V, false>(p);
 }
 
-// Columns per work item at most: 4 (2 for float64). A thread keeps eight
-// values per column (the previous frame's pred and target, two held
+// Columns per work item at most: 4 (2 for float64). A thread keeps about
+// eight values per column (the previous frame's pred and target, two held
 // gradients, ...): with 8 columns of float16 / bfloat16 ptxas spilled at
 // 128 registers.
 template <typename scalar_t>
