@@ -356,7 +356,8 @@ def test_more_than_2_31_elements_bfloat16():
     assert_close(got[1].cpu(), want[1].cpu(), *TOL[torch.bfloat16]["values"], what="terms")
     assert got[2].tolist() == [2 * frames] * 3 + [2 * frames - 2, 0, 2 * frames - 2]
     for g_big, g_small in zip(got[3:5], want[3:5]):
-        assert torch.equal(g_big[1, -tail - 1:], g_small[0])
+        # The same formulas; only where chunks end differs (1 ulp at most).
+        assert_close(g_big[1, -tail - 1:].cpu(), g_small[0].cpu(), *TOL[torch.bfloat16]["grads"], what="tail")
         assert not g_big[0].any() and not g_big[1, : -tail - 1].any()
     del got, big, pred, target
     torch.cuda.empty_cache()
