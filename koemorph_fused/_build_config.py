@@ -74,7 +74,7 @@ CPU_SOURCES = (
     "cpu_sequence_kernel_default.cpp",
     "cpu_sequence_kernel_avx2.cpp",
 )
-CUDA_SOURCES = ("cuda/loss_kernel.cu",)
+CUDA_SOURCES = ("cuda/loss_kernel.cu", "cuda/sequence_kernel.cu")
 
 # -g0: Python's own CFLAGS (which setuptools passes first) carry -g; debug
 # information for the templated kernels multiplies the object size and costs
