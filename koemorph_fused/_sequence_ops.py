@@ -28,7 +28,7 @@ import torch
 
 import torch.autograd.forward_ad as _forward_ad
 
-from ._ops import accumulation_dtype, gradient_storage_dtype, scale_op
+from ._ops import _can_hand_over, _torch_scale_in_place, accumulation_dtype, gradient_storage_dtype, scale_op
 from ._validation import REDUCTIONS
 from .sequence import frame_sets
 
@@ -84,8 +84,14 @@ if hasattr(torch.library, "register_vmap"):  # torch >= 2.5
 
 def _scale_saved(grad_total: torch.Tensor, saved, dtype: torch.dtype):
     """Backward of "mean" / "sum": the saved gradients times ``grad_output``,
-    as ``dtype``. The one place where backward scales (to switch to an
-    in-place hand-over of the saved buffers, change only this)."""
+    as ``dtype``. As for the row loss (``_ops.FusedTemporalLoss.backward``):
+    when the graph is being freed and the saved gradients have the input's
+    dtype, they are scaled in place (nothing written when ``grad_output`` is
+    1) and handed over; otherwise the scaling pass writes new tensors."""
+    present = [g for g in saved if g.numel()]
+    if present and _can_hand_over(present, grad_total, dtype):
+        _torch_scale_in_place(grad_total, present)
+        return saved
     return scale_op(grad_total, *saved, dtype)
 
 
