@@ -19,9 +19,9 @@ from .blendshapes import Layout, resolve
 from ._validation import check_counts, check_inputs, check_reduction, check_sequence_inputs, normalize_indices
 from .functional import Continuity, Weights
 from .modules import KoeMorphLossModule, KoeMorphSequenceLossModule
-from .sequence import SequenceContinuity, frame_sets, sequence_weight_tensor
+from .sequence import SequenceContinuity, frame_sets
 from .terms import EXPRESSION_INDICES, MOUTH_INDICES, LossOutput, SequenceLossOutput
-from .weights import DEFAULT, resolve_weights
+from .weights import DEFAULT, check_velocity_weight, resolve_weights
 
 __all__ = ["temporal_loss", "KoeMorphTemporalLoss", "sequence_loss", "KoeMorphSequenceLoss"]
 
@@ -118,7 +118,7 @@ def sequence_loss(
     """Reference implementation of :func:`koemorph_fused.sequence_loss` (same
     arguments, checks and result), in eager PyTorch: the previous frame is a
     shifted copy, each term a separate chain of ops."""
-    w = sequence_weight_tensor(weights, velocity_weight).tolist()
+    w = resolve_weights(weights).as_tuple() + (check_velocity_weight(velocity_weight),)
     mouth_indices = resolve(mouth_indices, layout, argument="mouth_indices")
     expression_indices = resolve(expression_indices, layout, argument="expression_indices")
     s = check_sequence_inputs(pred, target, raw, prev, prev_target, lengths, mask, continuity)

@@ -302,3 +302,28 @@ def test_meta_tensors_on_another_device_are_named():
     pred = torch.rand(2, 3, 52)
     with pytest.raises(ValueError, match="lengths must be on the device of pred"):
         kf.reference.sequence_loss(pred, pred, lengths=torch.tensor([1, 2], device="meta"))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_compiles_fullgraph_with_dynamic_batch_and_frames(loss):
+    def f(p, t, r, prev, prev_target, lengths, continuity):
+        out = loss(p, t, r, prev=prev, prev_target=prev_target, lengths=lengths, continuity=continuity,
+                   velocity_weight=0.5)
+        return out.total, out.terms, out.counts
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True)
+    g = torch.Generator().manual_seed(9)
+    for b, t in ((2, 5), (3, 7)):
+        pred, target, raw, prev, prev_target = rand_windows(b, t, 52, torch.float32, g)
+        lengths, continuity = torch.randint(0, t + 1, (b,), generator=g), torch.randint(0, 2, (b,), generator=g)
+        p1, p2 = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+        got, want = compiled(p1, target, raw, prev, prev_target, lengths, continuity), f(
+            p2, target, raw, prev, prev_target, lengths, continuity)
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e)
+        got[0].backward()
+        want[0].backward()
+        torch.testing.assert_close(p1.grad, p2.grad)
+        # a bad length is still an error under tracing (checked on the device)
+        with pytest.raises(RuntimeError, match=r"lengths must be in \[0, T\]"):
+            compiled(p1, target, raw, prev, prev_target, lengths + t + 1, continuity)
