@@ -91,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help=f"with --sequence: weight of the velocity term, >= 0 (default {VELOCITY_WEIGHT:g})")
 
 
-def _schedule_summary(schedule: TrainingSchedule) -> str:
+def _schedule_summary(schedule: TrainingSchedule, with_strides: bool = True) -> str:
     parts = []
     spans = (("early", 0, schedule.mid_start), ("mid", schedule.mid_start, schedule.late_start),
              ("late", schedule.late_start, schedule.total_epochs))
@@ -100,7 +100,8 @@ def _schedule_summary(schedule: TrainingSchedule) -> str:
             continue
         strides = [schedule.at(e).stride for e in range(lo, hi)]
         stride = str(strides[0]) if len(set(strides)) == 1 else f"{strides[0]}->{strides[-1]}"
-        parts.append(f"{name} {lo}-{hi - 1} (stride {stride})" if hi - lo > 1 else f"{name} {lo} (stride {stride})")
+        epochs = f"{name} {lo}-{hi - 1}" if hi - lo > 1 else f"{name} {lo}"
+        parts.append(f"{epochs} (stride {stride})" if with_strides else epochs)
     return ", ".join(parts)
 
 
@@ -150,7 +151,8 @@ def _run(args: argparse.Namespace, base) -> int:
         print(f"windows of frames: every frame predicted; consecutive windows of a file (the last one padded: "
               f"lengths), prev/prev_target from the stream's previous window, continuity 0 where a window starts "
               f"a file; velocity_weight {velocity_weight:g}")
-        print(f"schedule: {_schedule_summary(schedule)} (the phases' weights; the windows do not overlap)")
+        print(f"schedule: {_schedule_summary(schedule, with_strides=False)} (the phases' weights; the windows follow "
+              f"each other, no stride)")
     else:
         print(f"schedule: {_schedule_summary(schedule)}")
     print("weights: " + ("the seed's sparse/dense presets" if base is None else
