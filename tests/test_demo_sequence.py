@@ -263,3 +263,10 @@ def test_demo_matrix_sequence_with_the_baseline_instruction_set(tmp_path):
     (run,) = json.loads(out.read_text())
     assert run["sequence"] and run["ok"] and run["torch_isa"] == "DEFAULT" and run["kernel"] == "DEFAULT"
     assert "velocity" in run["worst"] and "counts" in run["worst"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+def test_sequence_demo_on_cuda(corpus, dtype):
+    result = sequence_run(dataclasses.replace(TINY, device="cuda", dtype=dtype), corpus, window=WINDOW)
+    assert result.verdict.ok, result.verdict
