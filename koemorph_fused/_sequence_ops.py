@@ -29,6 +29,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 
 from ._ops import accumulation_dtype, gradient_storage_dtype, scale_op
+from .sequence import frame_sets
 
 _torch_sequence = torch.ops.koemorph_fused.sequence_loss_forward.default
 
@@ -132,29 +133,20 @@ class FusedSequenceLoss(torch.autograd.Function):
         return tuple(g if n and g is not None and g.numel() else None for g, n in zip(grads, need[:3])) + (None,) * 12
 
 
-def frame_sets(lengths, mask, continuity, batch: int, frames: int, with_prev: bool, with_prev_target: bool,
-               device: torch.device):
-    """The ``(B, T)`` bool sets V, P and P_v of docs/spec.md, "Sequences"
-    (the kernel's pre-pass, in torch)."""
-    t = torch.arange(frames, device=device)
-    if lengths is not None:
-        valid = t < lengths.unsqueeze(1)
-    elif mask is not None:
-        valid = mask != 0
-    else:
-        valid = torch.ones(batch, frames, dtype=torch.bool, device=device)
-    if continuity is None:
-        same_file = torch.ones_like(valid)
-    elif continuity.dim() == 1:
-        same_file = (t > 0) | (continuity != 0).unsqueeze(1)
-    else:
-        same_file = continuity != 0
+class _EagerSequenceLoss(torch.autograd.Function):
+    """:class:`FusedSequenceLoss` in the ``forward(ctx, ...)`` form, for plain
+    eager calls: ``Function.apply`` binds the arguments of a ``setup_context``
+    Function through ``inspect.signature`` on every call, which cost more
+    than the whole kernel at (8, 256, 52). torch.func transforms need the
+    ``setup_context`` form, and torch.compile traces it; both use the base."""
 
-    def pairs(first_has_previous: bool) -> torch.Tensor:
-        head = torch.full((batch, min(frames, 1)), first_has_previous, dtype=torch.bool, device=device)
-        return valid & same_file & torch.cat([head, valid[:, :-1]], dim=1)
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = FusedSequenceLoss.forward(*inputs)
+        FusedSequenceLoss.setup_context(ctx, inputs, output)
+        return output
 
-    return valid, pairs(with_prev), pairs(with_prev and with_prev_target)
+    backward = FusedSequenceLoss.backward
 
 
 def sequence_total_torch(pred, target, raw, prev, prev_target, lengths, mask, continuity, column_weights, weights,
@@ -164,12 +156,13 @@ def sequence_total_torch(pred, target, raw, prev, prev_target, lengths, mask, co
     padding is selected with ``where``, never multiplied, so a NaN there stays
     out. ``reduction`` is the operator's code; for "none" the per-frame totals
     are multiplied by ``frame_scale`` (when given) and summed. Used by double
-    backward (:func:`_differentiable_gradients`) and as the benchmarks'
-    eager baseline until ``koemorph_fused.reference.sequence_loss`` is there."""
+    backward (:func:`_differentiable_gradients`); the column weights make it
+    independent of how the perceptual groups were given."""
     batch, frames, _ = pred.shape
     acc = column_weights.dtype
-    valid, pair, vpair = frame_sets(lengths, mask, continuity, batch, frames, prev is not None,
-                                    prev_target is not None, pred.device)
+    valid, pair, vpair = frame_sets(batch, frames, lengths=lengths, mask=mask, continuity=continuity,
+                                    with_prev=prev is not None, with_prev_target=prev_target is not None,
+                                    device=pred.device)
     p, g = pred.to(acc), target.to(acc)
     zero = p.new_zeros(())
 
@@ -257,7 +250,9 @@ def fused_sequence_forward(
         want = (grad and pred.requires_grad, grad and target.requires_grad,
                 grad and raw is not None and raw.requires_grad)
     if any(want):
-        total, terms, this_counts, *_ = FusedSequenceLoss.apply(
+        eager = not torch.compiler.is_compiling() and not _transform_active()
+        function = _EagerSequenceLoss if eager else FusedSequenceLoss
+        total, terms, this_counts, *_ = function.apply(
             pred, target, raw, prev, prev_target, lengths, mask, continuity, column_weights, weights, counts,
             code, *want)
     else:

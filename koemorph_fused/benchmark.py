@@ -901,33 +901,15 @@ class SequenceCase:
 def _sequence_functions():
     """(fused, eager) callables (pred, target, raw, prev, prev_target, lengths) -> total."""
     import koemorph_fused as kf
-    from . import _ops, _sequence_ops, reference
-    from .weights import LossWeights
+    from . import reference
 
-    weights = torch.tensor(LossWeights().as_tuple() + (SEQUENCE_VELOCITY_WEIGHT,), dtype=torch.float64)
-    if hasattr(kf, "sequence_loss"):
-        def fused(pred, target, raw, prev, prev_target, lengths):
-            return kf.sequence_loss(pred, target, raw, prev=prev, prev_target=prev_target, lengths=lengths,
-                                    velocity_weight=SEQUENCE_VELOCITY_WEIGHT).total
-    else:  # the operator's glue, as the public function calls it (before it lands)
-        from .terms import EXPRESSION_INDICES, MOUTH_INDICES
+    def call(loss):
+        def fn(pred, target, raw, prev, prev_target, lengths):
+            return loss(pred, target, raw, prev=prev, prev_target=prev_target, lengths=lengths,
+                        velocity_weight=SEQUENCE_VELOCITY_WEIGHT).total
+        return fn
 
-        def fused(pred, target, raw, prev, prev_target, lengths):
-            colw = _ops.column_weights(MOUTH_INDICES, EXPRESSION_INDICES, pred.shape[-1], pred.dtype, pred.device)
-            return _sequence_ops.fused_sequence_forward(pred, target, raw, prev, prev_target, lengths, None, None,
-                                                        colw, weights, None, "mean")[0]
-    if hasattr(reference, "sequence_loss"):
-        def eager(pred, target, raw, prev, prev_target, lengths):
-            return reference.sequence_loss(pred, target, raw, prev=prev, prev_target=prev_target, lengths=lengths,
-                                           velocity_weight=SEQUENCE_VELOCITY_WEIGHT).total
-    else:  # the same arithmetic in plain torch (koemorph_fused._sequence_ops)
-        from .terms import EXPRESSION_INDICES, MOUTH_INDICES
-
-        def eager(pred, target, raw, prev, prev_target, lengths):
-            colw = _ops.column_weights(MOUTH_INDICES, EXPRESSION_INDICES, pred.shape[-1], pred.dtype, pred.device)
-            return _sequence_ops.sequence_total_torch(pred, target, raw, prev, prev_target, lengths, None, None,
-                                                      colw, weights, None, 1)
-    return fused, eager
+    return call(kf.sequence_loss), call(reference.sequence_loss)
 
 
 def sequence_step_factory(case: SequenceCase, seed: int = 0) -> Callable[[str], Step]:
