@@ -189,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("steps", "batch", "window", "files", "min_frames", "hidden", "threads"):
         if getattr(args, name) < 1:
             build_parser().error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.max_frames < args.min_frames or args.check_every < 0 or args.velocity_weight < 0:
-        build_parser().error("need --max-frames >= --min-frames, --check-every >= 0 and --velocity-weight >= 0")
+    if args.max_frames < args.min_frames or args.check_every < 0 or args.velocity_weight < 0 or not args.lr > 0:
+        build_parser().error("need --max-frames >= --min-frames, --check-every >= 0, --velocity-weight >= 0 "
+                             "and --lr > 0")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
