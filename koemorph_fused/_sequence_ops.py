@@ -138,6 +138,22 @@ class FusedSequenceLoss(torch.autograd.Function):
         return tuple(g if n and g is not None and g.numel() else None for g, n in zip(grads, need[:3])) + (None,) * 12
 
 
+class _EagerSequenceLoss(torch.autograd.Function):
+    """:class:`FusedSequenceLoss` in the ``forward(ctx, ...)`` form, for plain
+    eager calls: ``Function.apply`` binds the arguments of a ``setup_context``
+    Function through ``inspect.signature`` on every call, which cost more
+    than the whole kernel at (8, 256, 52). torch.func transforms need the
+    ``setup_context`` form, and torch.compile traces it; both use the base."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = FusedSequenceLoss.forward(*inputs)
+        FusedSequenceLoss.setup_context(ctx, inputs, output)
+        return output
+
+    backward = FusedSequenceLoss.backward
+
+
 def sequence_total_torch(pred, target, raw, prev, prev_target, lengths, mask, continuity, column_weights, weights,
                          counts, reduction: int, frame_scale=None) -> torch.Tensor:
     """The operator's weighted total in plain torch arithmetic, differentiable
@@ -239,7 +255,9 @@ def fused_sequence_forward(
         want = (grad and pred.requires_grad, grad and target.requires_grad,
                 grad and raw is not None and raw.requires_grad)
     if any(want):
-        total, terms, this_counts, *_ = FusedSequenceLoss.apply(
+        eager = not torch.compiler.is_compiling() and not _transform_active()
+        function = _EagerSequenceLoss if eager else FusedSequenceLoss
+        total, terms, this_counts, *_ = function.apply(
             pred, target, raw, prev, prev_target, lengths, mask, continuity, column_weights, weights, counts,
             code, *want)
     else:

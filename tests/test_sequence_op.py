@@ -420,3 +420,22 @@ def test_compile_fullgraph_dynamic():
         (g,) = torch.autograd.grad(out[0], case["pred"])
         (ge,) = torch.autograd.grad(eager[0], case["pred"])
         torch.testing.assert_close(g, ge)
+
+
+def test_vmap_and_per_sample_gradients():
+    """Each mapped slice is an independent loss (its own counts and means)."""
+    cases = [make_case(2, 4, 13, dtype=torch.float64, seed=20 + i) for i in range(3)]
+    stacked = {k: torch.stack([c[k] for c in cases]) for k in ("pred", "target", "raw")}
+    base = cases[0]
+
+    def total(pred, target, raw):
+        return forward(dict(base, pred=pred, target=target, raw=raw))[0]
+
+    mapped = torch.func.vmap(total)(stacked["pred"], stacked["target"], stacked["raw"])
+    looped = torch.stack([total(c["pred"], c["target"], c["raw"]) for c in cases])
+    torch.testing.assert_close(mapped, looped)
+    grads = torch.func.vmap(torch.func.grad(total))(stacked["pred"], stacked["target"], stacked["raw"])
+    for i, c in enumerate(cases):
+        p = c["pred"].clone().requires_grad_()
+        (expected,) = torch.autograd.grad(total(p, c["target"], c["raw"]), p)
+        torch.testing.assert_close(grads[i], expected)
