@@ -118,7 +118,8 @@ class _FusedWeightBuffer(nn.Module):
         raise NotImplementedError
 
     def _store_weights(self) -> None:
-        if "weight_values" in self._buffers:  # absent while __init__ runs
+        """Called whenever the weights are assigned (the first time from __init__)."""
+        if "weight_values" in self._buffers:
             with torch.no_grad():
                 self.weight_values.copy_(self._weight_vector())
         else:
@@ -158,32 +159,13 @@ class FusedKoeMorphLoss(_FusedWeightBuffer, KoeMorphLossModule):
 
     _loss_function = staticmethod(temporal_loss)
 
-    def __init__(
-        self,
-        mse_weight: float = 1.0,
-        l1_weight: float = 0.1,
-        perceptual_weight: float = 0.5,
-        temporal_weight: float = 0.2,
-        smoothing_weight: float = 0.1,
-        mouth_indices: Sequence[int] = MOUTH_INDICES,
-        expression_indices: Sequence[int] = EXPRESSION_INDICES,
-        layout: Optional[Layout] = None,
-    ) -> None:
-        # The keywords spelt out (not *args, **kwargs), so that help() and
-        # inspect.signature show them.
-        super().__init__(mse_weight, l1_weight, perceptual_weight, temporal_weight, smoothing_weight,
-                         mouth_indices, expression_indices, layout)
-        self._store_weights()  # (5,) float64; moves with the module but is never cast
-
     @KoeMorphLossModule.weights.setter
     def weights(self, value: "LossWeights | Mapping[str, Any]") -> None:
         KoeMorphLossModule.weights.fset(self, value)
-        if "weight_values" in self._buffers:
-            self._store_weights()
+        self._store_weights()
 
     def _weight_vector(self) -> torch.Tensor:
         return self._weights.as_tensor()
-
 
     def _loss(self, pred, target, prev, raw, continuity) -> LossOutput:
         return fused_temporal_loss(
@@ -213,8 +195,9 @@ class KoeMorphSequenceLossModule(nn.Module):
         super().__init__()
         check_reduction(reduction)
         self.reduction = reduction
-        self._weights = LossWeights(mse_weight, l1_weight, perceptual_weight, temporal_weight, smoothing_weight)
         self._velocity_weight = check_velocity_weight(velocity_weight)
+        # Through the property: the fused module stores its weight buffer there.
+        self.weights = LossWeights(mse_weight, l1_weight, perceptual_weight, temporal_weight, smoothing_weight)
         self.mouth_indices = _index_tuple(resolve(mouth_indices, layout, argument="mouth_indices"))
         self.expression_indices = _index_tuple(resolve(expression_indices, layout, argument="expression_indices"))
         # Checked against each call's C: a layout names every column of the data.
@@ -298,34 +281,15 @@ class FusedKoeMorphSequenceLoss(_FusedWeightBuffer, KoeMorphSequenceLossModule):
 
     _loss_function = staticmethod(sequence_loss)
 
-    def __init__(
-        self,
-        mse_weight: float = 1.0,
-        l1_weight: float = 0.1,
-        perceptual_weight: float = 0.5,
-        temporal_weight: float = 0.2,
-        smoothing_weight: float = 0.1,
-        velocity_weight: float = 0.0,
-        reduction: str = "mean",
-        mouth_indices: Sequence[int] = MOUTH_INDICES,
-        expression_indices: Sequence[int] = EXPRESSION_INDICES,
-        layout: Optional[Layout] = None,
-    ) -> None:
-        super().__init__(mse_weight, l1_weight, perceptual_weight, temporal_weight, smoothing_weight,
-                         velocity_weight, reduction, mouth_indices, expression_indices, layout)
-        self._store_weights()
-
     @KoeMorphSequenceLossModule.weights.setter
     def weights(self, value: "LossWeights | Mapping[str, Any]") -> None:
         KoeMorphSequenceLossModule.weights.fset(self, value)
-        if "weight_values" in self._buffers:
-            self._store_weights()
+        self._store_weights()
 
     @KoeMorphSequenceLossModule.velocity_weight.setter
     def velocity_weight(self, value: float) -> None:
         KoeMorphSequenceLossModule.velocity_weight.fset(self, value)
-        if "weight_values" in self._buffers:
-            self._store_weights()
+        self._store_weights()
 
     def _weight_vector(self) -> torch.Tensor:
         return sequence_weight_tensor(self._weights, self._velocity_weight)
