@@ -4,7 +4,7 @@
 #   1. environment (GPU, torch, nvcc)
 #   2. build the extension from source for the visible GPU only (its compute
 #      capability, e.g. 9.0 on an H100/H200) and keep the ptxas report
-#   3. the CUDA tests (tests/test_cuda.py and the device cases of the
+#   3. the CUDA tests (tests/test_*cuda*.py and the device cases of the
 #      hand-over, weight-rule and autograd tests)
 #   4. koemorph-fused check --device cuda (fused against the reference)
 #   5. the GPU benchmark table: fused vs eager vs torch.compile with the
@@ -126,20 +126,21 @@ ptxas_report() {
 export PY OUT ARCH_TAG
 export -f env_report build ptxas_report
 
-CUDA_TESTS=(tests/test_cuda.py tests/test_scale_in_place.py tests/test_weight_rule.py tests/test_autograd.py)
+# Every tests/test_*cuda*.py, and the device cases of the files that run on both.
+CUDA_TESTS=(tests/test_*cuda*.py tests/test_scale_in_place.py tests/test_weight_rule.py tests/test_autograd.py)
 
 step "environment" 30 env.txt bash -c env_report
 
-# Limits: build 200 + tests 150 + check 45 + benchmark 75 + replay 45 (+ 30
+# Limits: build 200 + tests 180 + check 45 + benchmark 60 + replay 45 (+ 30
 # environment, 15 ptxas) exceed the budget only when something is slow; the
 # budget then cuts the last steps.
 if step "build ($ARCH_TAG only)" "${GPU_CHECK_BUILD_S:-200}" build.log bash -c build; then
   step "ptxas report $ARCH_TAG (registers, no spills)" 15 ptxas.txt bash -c ptxas_report
-  step "CUDA tests" 150 pytest_cuda.log \
+  step "CUDA tests" 180 pytest_cuda.log \
     "$PY" -m pytest -q -ra --durations=10 -p no:cacheprovider "${CUDA_TESTS[@]}" -k cuda \
     --junitxml="$OUT/pytest_cuda.xml"
   step "koemorph-fused check --device cuda" 45 check.txt "$PY" -m koemorph_fused check --device cuda
-  step "GPU benchmark (fused, eager, compile, copy)" 75 gpu_bench.txt \
+  step "GPU benchmark (fused, eager, compile, copy)" 60 gpu_bench.txt \
     "$PY" -m koemorph_fused bench --device cuda --dtype float32,bfloat16 --mode fwdbwd \
     --batch 4,1048576 --providers fused,eager,compile --baselines copy --rounds 3 --min-time 0.02 \
     --no-progress --csv "$OUT/gpu_bench.csv" --json "$OUT/gpu_bench.json"

@@ -25,7 +25,7 @@ def test_dry_run_plans_every_step_and_writes_the_summary(tmp_path):
     names = ["environment", "build (sm_90 only)", "ptxas report sm_90", "CUDA tests",
              "koemorph-fused check --device cuda", "GPU benchmark", "CUDA-graph replay"]
     assert len(plan) == len(names) and all(name in line for name, line in zip(names, plan)), plan
-    assert "--device cuda" in plan[4] and "graph_replay.py" in plan[6]
+    assert "tests/test_cuda.py" in plan[3] and "--device cuda" in plan[4] and "graph_replay.py" in plan[6]
     budget = int(re.search(r"budget (\d+)s", summary).group(1))
     assert budget < 8 * 60
     assert len(summary.splitlines()) <= 40  # one screen
