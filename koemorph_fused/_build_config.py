@@ -411,6 +411,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--summary", action="store_true", help="print only 'cpu' or 'cuda:ARCH,...'")
     parser.add_argument("--estimate", action="store_true", help="print about how long the build takes")
+    parser.add_argument("--with-estimate", action="store_true",
+                        help="print the plan, then, as its last line, about how long the build takes "
+                             "(one torch import for both; what set-up uses)")
     parser.add_argument(
         "--check-built", metavar="LIB", type=Path,
         help="exit 0 when the built library LIB (koemorph_fused/_C*.so) matches the plan, "
@@ -436,6 +439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(build_time_estimate(plan))
     else:
         print(plan.summary() if args.summary else plan.describe())
+        if args.with_estimate:
+            print(build_time_estimate(plan))
     return 0
 
 
