@@ -72,13 +72,16 @@ def kernel_sources(kernel: str) -> tuple[str, ...]:
 # and the just-in-time build start them in this order, so no core is left
 # with a long file at the end. A new kernel adds its files here, and their
 # measured compile seconds to _COMPILE_CPU_SECONDS. The baseline kernels link
-# before the AVX2 ones; either way, the inline functions several kernel files define (c10's error types,
-# shared_ptr internals) stay free of AVX2 code whichever copy the linker
-# keeps, because the AVX2 files include their shared headers before the
-# target pragma (csrc/cpu_kernel_baseline_includes.h): checked with objdump.
+# before the AVX2 ones; either way, the inline functions several kernel files
+# define (c10's error types, shared_ptr internals) stay free of AVX2 code
+# whichever copy the linker keeps, because the AVX2 files include their shared
+# headers before the target pragma (csrc/cpu_kernel_baseline_includes.h):
+# tests/test_build_config.py checks the objects with objdump.
 CPU_SOURCES = (
+    "cpu_sequence_kernel_default.cpp",
     "cpu_loss_kernel_default_float16.cpp",
     "loss_autograd.cpp",
+    "cpu_sequence_kernel_avx2.cpp",
     "cpu_loss_kernel_default_bfloat16.cpp",
     "cpu_loss_kernel_default_float32.cpp",
     "python_entry.cpp",
@@ -88,11 +91,12 @@ CPU_SOURCES = (
     "cpu_loss_kernel_avx2_float16.cpp",
     "cpu_loss_kernel_avx2_float32.cpp",
     "cpu_loss_kernel.cpp",
+    "cpu_sequence_kernel.cpp",
     "cpu_loss_kernel_avx2_float64.cpp",
     "ops.cpp",
     "cpu_buffer_pool.cpp",
 )
-CUDA_SOURCES = ("cuda/loss_kernel.cu",)
+CUDA_SOURCES = ("cuda/loss_kernel.cu", "cuda/sequence_kernel.cu")
 
 # -g0: Python's own CFLAGS (which setuptools passes first) carry -g; debug
 # information for the templated kernels multiplies the object size and costs

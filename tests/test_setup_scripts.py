@@ -212,7 +212,7 @@ def setup_array(name: str) -> list[str]:
     """The packages of one ``NAME=(...)`` list in .ci/setup."""
     for line in (CI / "setup").read_text().splitlines():
         if line.startswith(f"{name}=("):
-            return line[len(name) + 2:line.index(")")].split()
+            return [p.strip("'\"") for p in line[len(name) + 2:line.rindex(")")].split()]
     raise AssertionError(f".ci/setup has no {name}=(...) list")
 
 

@@ -23,10 +23,10 @@
 // V = 1. A row whose width is not a multiple of V ends in a partial item read
 // element by element. The per-element math is loss_math.h's, on scalars.
 #include <algorithm>
-#include <cfloat>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 
 #include <ATen/ATen.h>
@@ -36,167 +36,22 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda/cuda_utils.cuh"
 #include "loss_inputs.h"
 #include "loss_math.h"
 
 namespace koemorph_fused {
 namespace gpu {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
 // Forward blocks per SM that ptxas must allow: left to itself it squeezed
 // some variants into 48-64 registers and spilled; with this bound it may use
 // up to 65536 / (256 * 2) = 128 (it takes at most 84 on sm_90, no spills).
 constexpr int kForwardMinBlocks = 2;
 
-// Where the gradients are kept between forward and backward: float32 for
-// float16 inputs, else the input type, as gradient_storage_dtype() and the
-// CPU kernel (checked against the allocated buffers before any launch).
-template <typename scalar_t>
-using grad_storage_t = std::conditional_t<std::is_same_v<scalar_t, c10::Half>, float, scalar_t>;
-
 // Workspace: [counter | pad | mask_sum | partials...], 8-byte slots.
 constexpr int64_t kCounterSlot = 0;
 constexpr int64_t kMaskSumSlot = 1;
 constexpr int64_t kPartialsSlot = 2;
-
-// ---------------------------------------------------------------------------
-// Raw vector loads and stores of V elements (one or two 16-byte accesses).
-
-template <int B> struct RawBits;
-template <> struct RawBits<2> { using type = unsigned short; };
-template <> struct RawBits<4> { using type = unsigned int; };
-template <> struct RawBits<8> { using type = uint2; };
-template <> struct RawBits<16> { using type = uint4; };
-
-template <typename T, int V>
-__device__ __forceinline__ void load_vec(const T* ptr, T (&out)[V]) {
-  constexpr int B = static_cast<int>(sizeof(T)) * V;
-  if constexpr (B > 16) {
-    static_assert(B % 16 == 0, "vector of more than 16 bytes must be whole 16-byte parts");
-#pragma unroll
-    for (int h = 0; h < B / 16; ++h) {
-      const uint4 bits = reinterpret_cast<const uint4*>(ptr)[h];
-      memcpy(reinterpret_cast<char*>(out) + 16 * h, &bits, 16);
-    }
-  } else {
-    using R = typename RawBits<B>::type;
-    const R bits = *reinterpret_cast<const R*>(ptr);
-    memcpy(out, &bits, B);
-  }
-}
-
-template <typename T, int V>
-__device__ __forceinline__ void store_vec(T* ptr, const T (&in)[V]) {
-  constexpr int B = static_cast<int>(sizeof(T)) * V;
-  if constexpr (B > 16) {
-    static_assert(B % 16 == 0, "vector of more than 16 bytes must be whole 16-byte parts");
-#pragma unroll
-    for (int h = 0; h < B / 16; ++h) {
-      uint4 bits;
-      memcpy(&bits, reinterpret_cast<const char*>(in) + 16 * h, 16);
-      reinterpret_cast<uint4*>(ptr)[h] = bits;
-    }
-  } else {
-    using R = typename RawBits<B>::type;
-    R bits;
-    memcpy(&bits, in, B);
-    *reinterpret_cast<R*>(ptr) = bits;
-  }
-}
-
-// n == V: one vector access; else the first n elements one by one.
-template <typename T, int V>
-__device__ __forceinline__ void load_items(const T* ptr, int n, T (&out)[V]) {
-  if (n == V) {
-    load_vec<T, V>(ptr, out);
-  } else {
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      if (j < n) out[j] = ptr[j];
-    }
-  }
-}
-
-template <typename T, int V>
-__device__ __forceinline__ void store_items(T* ptr, int n, const T (&in)[V]) {
-  if (n == V) {
-    store_vec<T, V>(ptr, in);
-  } else {
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      if (j < n) ptr[j] = in[j];
-    }
-  }
-}
-
-// Bytes of one vector access of V elements of `elem` bytes (16 at most).
-inline int64_t access_bytes(int64_t elem, int v) { return std::min<int64_t>(16, elem * v); }
-
-// Whether every row of a (rows, *) operand with row pitch `pitch` elements
-// can be read as V-element vectors starting at multiples of V.
-inline bool rows_aligned(const void* ptr, int64_t pitch, int64_t rows, int64_t elem, int v) {
-  if (ptr == nullptr) return true;
-  const int64_t bytes = access_bytes(elem, v);
-  if (reinterpret_cast<uintptr_t>(ptr) % bytes != 0) return false;
-  return rows == 1 || (pitch * elem) % bytes == 0;
-}
-
-// ---------------------------------------------------------------------------
-// Deterministic reductions.
-
-__device__ __forceinline__ double warp_sum(double x) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_down_sync(0xffffffffu, x, offset);
-  return x;
-}
-
-// Block sums of v[0..N), valid in thread 0; a fixed tree: warps, then warp 0.
-template <int N>
-__device__ __forceinline__ void block_sum(double (&v)[N], double* smem /* N * kWarps */) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int i = 0; i < N; ++i) v[i] = warp_sum(v[i]);
-  if (lane == 0) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) smem[i * kWarps + warp] = v[i];
-  }
-  __syncthreads();
-  if (warp == 0) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) v[i] = warp_sum(lane < kWarps ? smem[i * kWarps + lane] : 0.0);
-  }
-  __syncthreads();  // smem may be reused
-}
-
-// Grid-wide sums of v[0..N): every block publishes its block sums to
-// partials[block * N + i]; the last block to arrive adds them in block order.
-// Returns true in that block only, where thread 0 holds the totals.
-template <int N>
-__device__ bool grid_sum(double (&v)[N], double* partials, unsigned int* counter) {
-  __shared__ double smem[N * kWarps];
-  __shared__ bool is_last;
-  block_sum<N>(v, smem);
-  if (threadIdx.x == 0) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) partials[blockIdx.x * N + i] = v[i];
-    __threadfence();  // publish the partials before taking a ticket
-    const unsigned int ticket = atomicAdd(counter, 1u);
-    is_last = ticket == gridDim.x - 1;
-    if (is_last) __threadfence();  // and see every other block's partials
-  }
-  __syncthreads();
-  if (!is_last) return false;
-#pragma unroll
-  for (int i = 0; i < N; ++i) v[i] = 0.0;
-  for (unsigned int b = threadIdx.x; b < gridDim.x; b += kThreads) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) v[i] += __ldcg(partials + b * N + i);  // L2: not a stale L1 line
-  }
-  block_sum<N>(v, smem);
-  if (threadIdx.x == 0) *counter = 0u;  // ready for the next launch on this workspace
-  return true;
-}
 
 // ---------------------------------------------------------------------------
 // sum_r m_r, before the forward kernel (mask case only).
@@ -253,11 +108,10 @@ __device__ __forceinline__ void load_weights(const ForwardParams<scalar_t, grad_
                                              double (&w)[kNumTerms]) {
 #pragma unroll
   for (int i = 0; i < kNumTerms; ++i) {
-    const double v = p.weights_dev ? p.weights_dev[i] : p.weights[i];
     // Weights on the device cannot be checked without a host sync (host ones
-    // are, in prepare_inputs): one that is not finite and > 0 counts as 0 in
-    // the total AND in every gradient, so the two always agree.
-    w[i] = (v > 0.0 && v <= DBL_MAX) ? v : 0.0;
+    // are, in prepare_inputs): effective_weight() makes one that is not
+    // finite and > 0 count as 0 in the total AND in every gradient.
+    w[i] = effective_weight(p.weights_dev ? p.weights_dev[i] : p.weights[i]);
   }
 }
 
@@ -381,7 +235,8 @@ __global__ void __launch_bounds__(kThreads, kForwardMinBlocks)
 
 // ---------------------------------------------------------------------------
 // Backward: out = saved * grad_output, all three tensors in one launch
-// (blockIdx.y picks the tensor); grad_output is read on the device.
+// (blockIdx.y picks the tensor); grad_output is read on the device. In place
+// (scale_gradients_), out is saved.
 
 enum GradOutputKind : int { kGoFloat = 0, kGoDouble = 1, kGoHalf = 2, kGoBFloat16 = 3 };
 
@@ -407,6 +262,7 @@ struct ScaleParams {
   int64_t numel0, numel1, numel2;
   const void* grad_output;
   int grad_output_kind;
+  bool unit_is_noop;  // in place (src == dst): a grad_output of 1 writes nothing
 };
 
 template <typename src_t, typename dst_t, int V>
@@ -418,6 +274,7 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(const ScaleParams<src_t
   const int64_t n = which == 0 ? p.numel0 : which == 1 ? p.numel1 : p.numel2;
   if (src == nullptr) return;
   const acc_t go = read_grad_output<acc_t>(p.grad_output, p.grad_output_kind);
+  if (p.unit_is_noop && go == acc_t(1)) return;  // decided on the device: no host sync
 
   const int64_t vectors = n / V;
   const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
@@ -437,24 +294,6 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(const ScaleParams<src_t
 
 // ---------------------------------------------------------------------------
 // Host side.
-
-// Per-device values computed once (attribute and occupancy queries: no sync,
-// safe under graph capture). Only c10 CUDA headers are used here:
-// ATen/cuda/CUDAContext.h needs the cuBLAS/cuSPARSE headers, which a minimal
-// toolkit lacks.
-constexpr int kMaxDevices = 64;
-
-template <typename F>
-int cached_for_device(std::atomic<int> (&cache)[kMaxDevices], F compute) {
-  const int dev = c10::cuda::current_device();
-  if (dev < kMaxDevices) {
-    const int known = cache[dev].load(std::memory_order_relaxed);
-    if (known > 0) return known;
-  }
-  const int value = std::max(1, compute(dev));
-  if (dev < kMaxDevices) cache[dev].store(value, std::memory_order_relaxed);
-  return value;
-}
 
 int multiprocessors() {
   static std::atomic<int> cache[kMaxDevices];
@@ -489,7 +328,6 @@ int forward_resident_blocks() {
   });
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename scalar_t, typename grad_t, int V, bool kHasPrev, bool kHasRaw>
 void launch_forward_kernel(ForwardParams<scalar_t, grad_t> p, cudaStream_t stream) {
@@ -577,10 +415,6 @@ void launch_converting_mask_sum(const at::Tensor& mask, int64_t rows, acc_t* con
   }
 }
 
-template <typename T>
-T* data_or_null(const at::Tensor& t) {
-  return t.defined() && t.numel() > 0 ? static_cast<T*>(t.data_ptr()) : nullptr;
-}
 
 template <typename scalar_t>
 void run_forward(const LossInputs& in, ForwardOutputs& outs, cudaStream_t stream) {
@@ -756,11 +590,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_gradients_cuda(const at::Te
   return {out[0], out[1], out[2]};
 }
 
+// In place, three tensors per launch (src == dst: each element is read by the
+// thread that writes it). The launch happens even for a grad_output of 1,
+// which only the device knows; then every block returns after one read.
+template <typename scalar_t>
+void run_scale_in_place_typed(const at::Tensor& grad_output, at::TensorList grads,
+                              cudaStream_t stream) {
+  ScaleParams<scalar_t, scalar_t> p{};
+  const scalar_t** src[3] = {&p.src0, &p.src1, &p.src2};
+  scalar_t** dst[3] = {&p.dst0, &p.dst1, &p.dst2};
+  int64_t* numel[3] = {&p.numel0, &p.numel1, &p.numel2};
+  p.grad_output = grad_output.const_data_ptr();
+  p.grad_output_kind = grad_output_kind(grad_output.scalar_type());
+  p.unit_is_noop = true;
+  int n = 0;
+  auto run = [&] {
+    run_scale<scalar_t, scalar_t>(p, stream);
+    for (int i = 0; i < 3; ++i) *src[i] = nullptr, *dst[i] = nullptr, *numel[i] = 0;
+    n = 0;
+  };
+  for (const at::Tensor& g : grads) {
+    if (g.numel() == 0) continue;
+    *dst[n] = static_cast<scalar_t*>(g.mutable_data_ptr());
+    *src[n] = *dst[n];
+    *numel[n] = g.numel();
+    if (++n == 3) run();
+  }
+  if (n > 0) run();
+}
+
+void scale_gradients_in_place_cuda(const at::Tensor& grad_output, at::TensorList grads) {
+  const std::optional<at::ScalarType> dtype = check_scale_gradients_in_place(grad_output, grads);
+  if (!dtype) return;  // nothing to scale, no launch
+  TORCH_CHECK_VALUE(grad_output.is_cuda(), "grad_output must be on the device of grads");
+  const c10::cuda::CUDAGuard guard(grad_output.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  switch (*dtype) {
+    case at::kFloat: run_scale_in_place_typed<float>(grad_output, grads, stream); break;
+    case at::kDouble: run_scale_in_place_typed<double>(grad_output, grads, stream); break;
+    case at::kHalf: run_scale_in_place_typed<c10::Half>(grad_output, grads, stream); break;
+    case at::kBFloat16: run_scale_in_place_typed<c10::BFloat16>(grad_output, grads, stream); break;
+    default: TORCH_CHECK_TYPE(false, "koemorph_fused (CUDA): unsupported dtype ", *dtype);
+  }
+}
+
 }  // namespace gpu
 
 TORCH_LIBRARY_IMPL(koemorph_fused, CUDA, m) {
   m.impl("temporal_loss_forward", &gpu::temporal_loss_forward_cuda);
   m.impl("scale_gradients", &gpu::scale_gradients_cuda);
+  m.impl("scale_gradients_", &gpu::scale_gradients_in_place_cuda);
 }
 
 }  // namespace koemorph_fused
