@@ -80,19 +80,19 @@ def kernel_sources(kernel: str) -> tuple[str, ...]:
 CPU_SOURCES = (
     "cpu_sequence_kernel_default.cpp",
     "cpu_loss_kernel_default_float16.cpp",
+    "cpu_loss_kernel_default_bfloat16.cpp",
     "loss_autograd.cpp",
     "cpu_sequence_kernel_avx2.cpp",
-    "cpu_loss_kernel_default_bfloat16.cpp",
     "cpu_loss_kernel_default_float32.cpp",
     "python_entry.cpp",
     "cpu_loss_kernel_default_float64.cpp",
-    "loss_inputs.cpp",
     "cpu_loss_kernel_avx2_bfloat16.cpp",
+    "cpu_sequence_kernel.cpp",
     "cpu_loss_kernel_avx2_float16.cpp",
+    "loss_inputs.cpp",
+    "cpu_loss_kernel_avx2_float64.cpp",
     "cpu_loss_kernel_avx2_float32.cpp",
     "cpu_loss_kernel.cpp",
-    "cpu_sequence_kernel.cpp",
-    "cpu_loss_kernel_avx2_float64.cpp",
     "ops.cpp",
     "cpu_buffer_pool.cpp",
 )
@@ -328,26 +328,30 @@ def cxx_flags(with_cuda: bool) -> list[str]:
 
 
 # Compiler CPU seconds (user + sys) per translation unit, measured with
-# bench/compile_times.py (GCC 12, torch 2.14.1, x86-64; 2026-12-07, on the
-# project's 2-core machine while other jobs ran: about 10 % above what a quiet
-# machine needs, so the estimate errs long), and the
+# the build itself (GCC 12, torch 2.14.1, x86-64; 2026-12-07, on the
+# project's 2-core machine while other jobs ran: up to a third above what a
+# quiet machine needs, so the estimate errs long; bench/compile_times.py
+# measures them again), and the
 # CUDA file (about 120 s for 4 architectures: host side, and per
 # architecture). They only feed the estimate that set-up and the
 # just-in-time build print; a file missing here counts as _UNMEASURED_FILE_S.
 _COMPILE_CPU_SECONDS = {
-    "cpu_loss_kernel_default_float16.cpp": 45.0,
-    "loss_autograd.cpp": 34.2,
-    "cpu_loss_kernel_default_bfloat16.cpp": 31.3,
-    "cpu_loss_kernel_default_float32.cpp": 20.8,
-    "python_entry.cpp": 20.7,
-    "cpu_loss_kernel_default_float64.cpp": 16.3,
-    "loss_inputs.cpp": 14.2,
-    "cpu_loss_kernel_avx2_bfloat16.cpp": 12.7,
-    "cpu_loss_kernel_avx2_float16.cpp": 11.7,
-    "cpu_loss_kernel_avx2_float32.cpp": 10.0,
-    "cpu_loss_kernel.cpp": 9.6,
-    "cpu_loss_kernel_avx2_float64.cpp": 9.0,
-    "ops.cpp": 8.1,
+    "cpu_sequence_kernel_default.cpp": 44.6,
+    "cpu_loss_kernel_default_float16.cpp": 34.7,
+    "cpu_loss_kernel_default_bfloat16.cpp": 27.6,
+    "loss_autograd.cpp": 23.9,
+    "cpu_sequence_kernel_avx2.cpp": 19.8,
+    "cpu_loss_kernel_default_float32.cpp": 13.9,
+    "python_entry.cpp": 13.5,
+    "cpu_loss_kernel_default_float64.cpp": 11.1,
+    "cpu_loss_kernel_avx2_bfloat16.cpp": 10.8,
+    "cpu_sequence_kernel.cpp": 10.5,
+    "cpu_loss_kernel_avx2_float16.cpp": 10.1,
+    "loss_inputs.cpp": 9.5,
+    "cpu_loss_kernel_avx2_float64.cpp": 8.3,
+    "cpu_loss_kernel_avx2_float32.cpp": 7.7,
+    "cpu_loss_kernel.cpp": 7.2,
+    "ops.cpp": 6.5,
     "cpu_buffer_pool.cpp": 2.9,
 }
 _UNMEASURED_FILE_S = 30.0
