@@ -55,11 +55,29 @@ ext = Extension(
 class BuildInTree(BuildExtension.with_options(use_ninja=True)):
     """Objects stay in build/temp between builds (pip's editable install would
     compile in a new temporary folder each time), so that ninja recompiles only
-    the files whose command line or headers changed."""
+    the files whose command line or headers changed; and the files compile in
+    the order of config.CPU_SOURCES (longest first) rather than by name."""
 
     def finalize_options(self):
         super().finalize_options()
         self.build_temp = str(ROOT / "build" / "temp")
+
+    def build_extension(self, ext):
+        # setuptools sorts the sources by name, and a first build's ninja
+        # starts them in that order: a long file that starts last keeps one
+        # core busy while the others idle.
+        rank = {Path(s).name: i for i, s in enumerate(ext.sources)}
+        compile_sources = self.compiler.compile
+
+        def compile_in_listed_order(sources, *args, **kwargs):
+            ordered = sorted(sources, key=lambda s: rank.get(Path(s).name, len(rank)))
+            return compile_sources(ordered, *args, **kwargs)
+
+        self.compiler.compile = compile_in_listed_order
+        try:
+            super().build_extension(ext)
+        finally:
+            self.compiler.compile = compile_sources
 
 
 setup(ext_modules=[ext], cmdclass={"build_ext": BuildInTree})

@@ -1,7 +1,7 @@
 // Switches the rest of a translation unit to AVX2 + FMA (x86-64 with GCC):
 // include it LAST among the shared headers, right before a kernel header
-// (see cpu_loss_kernel_avx2.cpp for why everything that handles vectors must
-// come after the pragma, and everything shared before it).
+// (see cpu_kernel_baseline_includes.h for why everything that handles vectors
+// must come after the pragma, and everything shared before it).
 #pragma once
 
 #include "cpu_loss_kernel_args.h"  // KF_HAVE_AVX2_KERNELS

@@ -3,7 +3,7 @@
 #include <optional>
 #include <vector>
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>  // not ATen/ATen.h: half the compile time
 #include <ATen/Version.h>
 #include <torch/library.h>
 
@@ -33,16 +33,31 @@ bool use_avx2() {
   return avx2;
 }
 
-void run_scale_kernel(const cpu::ScaleArgs& a) {
-#if KF_HAVE_AVX2_KERNELS
-  if (use_avx2()) cpu::AVX2::scale_kernel(a);
-  else cpu::DEFAULT::scale_kernel(a);
-#else
-  cpu::DEFAULT::scale_kernel(a);
-#endif
-}
-
 void* grad_data(const at::Tensor& g) { return g.numel() ? g.mutable_data_ptr() : nullptr; }
+
+// The kernels of one dtype, in the build for this CPU.
+struct Kernels {
+  void (*forward)(cpu::ForwardArgs&);
+  void (*scale)(const cpu::ScaleArgs&);
+};
+
+Kernels kernels_for(c10::ScalarType dtype) {
+#if KF_HAVE_AVX2_KERNELS
+#define KF_KERNELS(NAME)                                                     \
+  use_avx2() ? Kernels{&cpu::AVX2::forward_##NAME, &cpu::AVX2::scale_##NAME} \
+             : Kernels{&cpu::DEFAULT::forward_##NAME, &cpu::DEFAULT::scale_##NAME}
+#else
+#define KF_KERNELS(NAME) Kernels{&cpu::DEFAULT::forward_##NAME, &cpu::DEFAULT::scale_##NAME}
+#endif
+#define KF_CASE(T, NAME) \
+  case c10::ScalarType::NAME: return KF_KERNELS(NAME);
+  switch (dtype) {
+    KF_CPU_KERNEL_DTYPES(KF_CASE)
+    default: TORCH_CHECK_TYPE(false, "koemorph_fused: unsupported dtype ", dtype);
+  }
+#undef KF_CASE
+#undef KF_KERNELS
+}
 
 ForwardOutputs temporal_loss_forward_cpu(const at::Tensor& pred, const at::Tensor& target,
                                          const std::optional<at::Tensor>& prev,
@@ -75,12 +90,7 @@ ForwardOutputs temporal_loss_forward_cpu(const at::Tensor& pred, const at::Tenso
   a.cols = in.cols;
   std::copy(in.weights.begin(), in.weights.end(), a.weights);
 
-#if KF_HAVE_AVX2_KERNELS
-  if (use_avx2()) cpu::AVX2::forward_kernel(a);
-  else cpu::DEFAULT::forward_kernel(a);
-#else
-  cpu::DEFAULT::forward_kernel(a);
-#endif
+  kernels_for(a.dtype).forward(a);
 
   const bool has_prev = a.prev != nullptr, has_raw = a.raw != nullptr;
   if (total.scalar_type() == at::kDouble) {
@@ -112,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_gradients_cpu(const at::Ten
   }
   const at::Tensor go = grad_output.to(accumulation_dtype(dtype));
   a.grad_output = go.const_data_ptr();
-  run_scale_kernel(a);
+  kernels_for(a.dtype).scale(a);
   return {out[0], out[1], out[2]};
 }
 
@@ -130,7 +140,7 @@ void scale_gradients_in_place_cpu(const at::Tensor& grad_output, at::TensorList 
   a.grad_output = go.const_data_ptr();
   int n = 0;
   auto run = [&] {
-    run_scale_kernel(a);
+    kernels_for(a.dtype).scale(a);
     a.saved[0] = a.saved[1] = a.saved[2] = nullptr;
     n = 0;
   };

@@ -502,19 +502,14 @@ void scale_typed(const ScaleArgs& a) {
   }
 }
 
-#define KF_DISPATCH_DTYPE(DTYPE, FN, ARG)                                          \
-  switch (DTYPE) {                                                                 \
-    case c10::ScalarType::Float: FN<float>(ARG); break;                            \
-    case c10::ScalarType::Double: FN<double>(ARG); break;                          \
-    case c10::ScalarType::Half: FN<c10::Half>(ARG); break;                         \
-    case c10::ScalarType::BFloat16: FN<c10::BFloat16>(ARG); break;                 \
-    default: TORCH_CHECK_TYPE(false, "koemorph_fused: unsupported dtype ", DTYPE); \
-  }
-
-void forward_kernel(ForwardArgs& args) { KF_DISPATCH_DTYPE(args.dtype, forward_with_inputs, args) }
-void scale_kernel(const ScaleArgs& args) { KF_DISPATCH_DTYPE(args.dtype, scale_typed, args) }
-
-#undef KF_DISPATCH_DTYPE
-
 }  // namespace cpu::CPU_CAPABILITY
 }  // namespace koemorph_fused
+
+// The entry points of one dtype (declared in cpu_loss_kernel_args.h). Each
+// cpu_loss_kernel_<isa>_<dtype>.cpp expands this once, at file scope, so a
+// translation unit instantiates the kernels of one dtype only.
+#define KF_DEFINE_CPU_KERNELS(T, NAME)                                     \
+  namespace koemorph_fused::cpu::CPU_CAPABILITY {                          \
+  void forward_##NAME(ForwardArgs& args) { forward_with_inputs<T>(args); } \
+  void scale_##NAME(const ScaleArgs& args) { scale_typed<T>(args); }       \
+  }

@@ -1,6 +1,5 @@
-// Plain-data arguments of the CPU kernels, so that the per-ISA translation
-// units (cpu_loss_kernel_default.cpp, cpu_loss_kernel_avx2.cpp) need no
-// at::Tensor and stay small.
+// Plain-data arguments of the CPU kernels, so that their translation units
+// (cpu_loss_kernel_<isa>_<dtype>.cpp) need no at::Tensor and stay small.
 #pragma once
 
 #include <cstdint>
@@ -46,17 +45,30 @@ struct ScaleArgs {
   int64_t numel[3];
 };
 
-// One build of the kernels per instruction set; cpu_loss_kernel.cpp picks one
-// at run time. The AVX2 build needs GCC's per-file target pragma on x86-64.
-#define KF_DECLARE_CPU_KERNELS(CAP)         \
-  namespace CAP {                           \
-  void forward_kernel(ForwardArgs& args);   \
-  void scale_kernel(const ScaleArgs& args); \
+// The dtypes of the kernels: (C++ type, c10::ScalarType enumerator).
+#define KF_CPU_KERNEL_DTYPES(X) \
+  X(float, Float)               \
+  X(double, Double)             \
+  X(c10::Half, Half)            \
+  X(c10::BFloat16, BFloat16)
+
+// One build of the kernels per instruction set and dtype, each in its own
+// translation unit (cpu_loss_kernel_<isa>_<dtype>.cpp, via
+// KF_DEFINE_CPU_KERNELS), so that a parallel build compiles them side by side
+// instead of one instantiating every dtype; cpu_loss_kernel.cpp picks one at
+// run time. The AVX2 build needs GCC's per-file target pragma on x86-64.
+#define KF_DECLARE_DTYPE_KERNELS(T, NAME)   \
+  void forward_##NAME(ForwardArgs& args); \
+  void scale_##NAME(const ScaleArgs& args);
+#define KF_DECLARE_CPU_KERNELS(CAP)                        \
+  namespace CAP {                                          \
+  KF_CPU_KERNEL_DTYPES(KF_DECLARE_DTYPE_KERNELS)           \
   }
 KF_DECLARE_CPU_KERNELS(DEFAULT)
 #if KF_HAVE_AVX2_KERNELS
 KF_DECLARE_CPU_KERNELS(AVX2)
 #endif
 #undef KF_DECLARE_CPU_KERNELS
+#undef KF_DECLARE_DTYPE_KERNELS
 
 }  // namespace koemorph_fused::cpu

@@ -1,5 +1,5 @@
 // The CPU sequence kernel built for AVX2 + FMA, chosen at run time like the
-// row kernels (cpu_loss_kernel_avx2.cpp explains the include order: shared
+// row kernels (cpu_kernel_baseline_includes.h explains the include order: shared
 // headers before the target pragma, vector code after it).
 #include <algorithm>
 #include <array>

@@ -55,24 +55,46 @@ CPU_ONLY_VAR = "KOEMORPH_FUSED_CPU_ONLY"
 WITH_CUDA_VAR = "KOEMORPH_FUSED_WITH_CUDA"
 ARCH_LIST_VAR = "TORCH_CUDA_ARCH_LIST"
 
-# The just-in-time build links in this order, baseline CPU kernels before the
-# AVX2 ones; setuptools sorts the sources, so there the AVX2 object comes first.
-# What keeps the inline functions both kernel files define (c10's error types,
-# shared_ptr internals) free of AVX2 code either way is the include order in
-# cpu_loss_kernel_avx2.cpp: checked with objdump, their copies in the AVX2
-# object contain no VEX instructions.
+#: The instruction sets and dtypes of the CPU kernels: each kernel is compiled
+#: once per pair, in its own translation unit ``<kernel>_<isa>_<dtype>.cpp``
+#: (see csrc/cpu_loss_kernel_args.h), so that a parallel build keeps every
+#: core busy instead of waiting for one file that instantiates every dtype.
+CPU_KERNEL_ISAS = ("default", "avx2")
+CPU_KERNEL_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def kernel_sources(kernel: str) -> tuple[str, ...]:
+    """The translation units of one CPU kernel, e.g. ``cpu_loss_kernel``."""
+    return tuple(f"{kernel}_{isa}_{dtype}.cpp" for isa in CPU_KERNEL_ISAS for dtype in CPU_KERNEL_DTYPES)
+
+
+# The CPU backend's translation units, longest compile first: set-up (setup.py)
+# and the just-in-time build start them in this order, so no core is left
+# with a long file at the end. A new kernel adds its files here, and their
+# measured compile seconds to _COMPILE_CPU_SECONDS. The baseline kernels link
+# before the AVX2 ones; either way, the inline functions several kernel files
+# define (c10's error types, shared_ptr internals) stay free of AVX2 code
+# whichever copy the linker keeps, because the AVX2 files include their shared
+# headers before the target pragma (csrc/cpu_kernel_baseline_includes.h):
+# tests/test_build_config.py checks the objects with objdump.
 CPU_SOURCES = (
-    "ops.cpp",
-    "loss_inputs.cpp",
-    "cpu_buffer_pool.cpp",
-    "python_entry.cpp",
-    "loss_autograd.cpp",
-    "cpu_loss_kernel.cpp",
-    "cpu_loss_kernel_default.cpp",
-    "cpu_loss_kernel_avx2.cpp",
-    "cpu_sequence_kernel.cpp",
     "cpu_sequence_kernel_default.cpp",
+    "cpu_loss_kernel_default_float16.cpp",
+    "cpu_loss_kernel_default_bfloat16.cpp",
+    "loss_autograd.cpp",
     "cpu_sequence_kernel_avx2.cpp",
+    "cpu_loss_kernel_default_float32.cpp",
+    "python_entry.cpp",
+    "cpu_loss_kernel_default_float64.cpp",
+    "cpu_loss_kernel_avx2_bfloat16.cpp",
+    "cpu_sequence_kernel.cpp",
+    "cpu_loss_kernel_avx2_float16.cpp",
+    "loss_inputs.cpp",
+    "cpu_loss_kernel_avx2_float64.cpp",
+    "cpu_loss_kernel_avx2_float32.cpp",
+    "cpu_loss_kernel.cpp",
+    "ops.cpp",
+    "cpu_buffer_pool.cpp",
 )
 CUDA_SOURCES = ("cuda/loss_kernel.cu", "cuda/sequence_kernel.cu")
 
@@ -305,15 +327,55 @@ def cxx_flags(with_cuda: bool) -> list[str]:
     return flags
 
 
-# Compiler CPU seconds for this tree, measured on a 2-core x86-64 (GCC 12,
-# torch 2.14.1, nvcc 13.0): the CPU backend's files together and the longest
-# of them (218 and 93 s), and the CUDA file (about 120 s for 4 architectures:
-# host side, and per architecture). They only feed the estimate that set-up
-# and the just-in-time build print.
-_CPU_BACKEND_S = 220
-_LONGEST_FILE_S = 95
+# Compiler CPU seconds (user + sys) per translation unit, measured with
+# the build itself (GCC 12, torch 2.14.1, x86-64; 2026-12-07, on the
+# project's 2-core machine while other jobs ran: up to a third above what a
+# quiet machine needs, so the estimate errs long; bench/compile_times.py
+# measures them again), and the
+# CUDA file (about 120 s for 4 architectures: host side, and per
+# architecture). They only feed the estimate that set-up and the
+# just-in-time build print; a file missing here counts as _UNMEASURED_FILE_S.
+_COMPILE_CPU_SECONDS = {
+    "cpu_sequence_kernel_default.cpp": 44.6,
+    "cpu_loss_kernel_default_float16.cpp": 34.7,
+    "cpu_loss_kernel_default_bfloat16.cpp": 27.6,
+    "loss_autograd.cpp": 23.9,
+    "cpu_sequence_kernel_avx2.cpp": 19.8,
+    "cpu_loss_kernel_default_float32.cpp": 13.9,
+    "python_entry.cpp": 13.5,
+    "cpu_loss_kernel_default_float64.cpp": 11.1,
+    "cpu_loss_kernel_avx2_bfloat16.cpp": 10.8,
+    "cpu_sequence_kernel.cpp": 10.5,
+    "cpu_loss_kernel_avx2_float16.cpp": 10.1,
+    "loss_inputs.cpp": 9.5,
+    "cpu_loss_kernel_avx2_float64.cpp": 8.3,
+    "cpu_loss_kernel_avx2_float32.cpp": 7.7,
+    "cpu_loss_kernel.cpp": 7.2,
+    "ops.cpp": 6.5,
+    "cpu_buffer_pool.cpp": 2.9,
+}
+_UNMEASURED_FILE_S = 30.0
+_LINK_S = 3.0
 _CUDA_HOST_S = 20
 _CUDA_PER_ARCH_S = 25
+
+
+def simulate_parallel_seconds(seconds: Sequence[float], jobs: int) -> float:
+    """When the last of these compiles ends on ``jobs`` idle cores, each file
+    started, in the given order, on the first core that is free (how ninja
+    schedules a first build: it has no earlier timings to reorder by)."""
+    free_at = [0.0] * max(1, jobs)
+    for s in seconds:
+        core = free_at.index(min(free_at))
+        free_at[core] += s
+    return max(free_at)
+
+
+def cpu_build_seconds(jobs: int, order: Sequence[str] | None = None) -> float:
+    """Seconds the CPU backend's files take to compile on ``jobs`` idle cores,
+    in ``order`` (default: the order set-up compiles them in, see setup.py)."""
+    names = CPU_SOURCES if order is None else order
+    return simulate_parallel_seconds([_COMPILE_CPU_SECONDS.get(n, _UNMEASURED_FILE_S) for n in names], jobs)
 
 
 def build_time_estimate(plan: BuildPlan, jobs: int | None = None) -> str:
@@ -324,7 +386,7 @@ def build_time_estimate(plan: BuildPlan, jobs: int | None = None) -> str:
         except ValueError:
             jobs = 0
         jobs = jobs if jobs > 0 else os.cpu_count() or 1
-    seconds = max(_LONGEST_FILE_S, _CPU_BACKEND_S / jobs)
+    seconds = cpu_build_seconds(jobs) + _LINK_S
     if plan.with_cuda:
         archs = len(_comma_list(plan.cuda_arch_list).split(","))
         # nvcc --threads compiles the architectures side by side.
@@ -357,6 +419,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--summary", action="store_true", help="print only 'cpu' or 'cuda:ARCH,...'")
     parser.add_argument("--estimate", action="store_true", help="print about how long the build takes")
+    parser.add_argument("--with-estimate", action="store_true",
+                        help="print the plan, then, as its last line, about how long the build takes "
+                             "(one torch import for both; what set-up uses)")
     parser.add_argument(
         "--check-built", metavar="LIB", type=Path,
         help="exit 0 when the built library LIB (koemorph_fused/_C*.so) matches the plan, "
@@ -382,6 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(build_time_estimate(plan))
     else:
         print(plan.summary() if args.summary else plan.describe())
+        if args.with_estimate:
+            print(build_time_estimate(plan))
     return 0
 
 

@@ -3,6 +3,8 @@ machine with or without a GPU, explicit requests, the architecture list torch
 would pick, and what set-up and CI do with it. Nothing here compiles."""
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -168,6 +170,105 @@ def test_compile_flags_drop_debug_information():
     assert "--threads" in config.NVCC_FLAGS  # nvcc builds the architectures in parallel
 
 
+# --- the sources and the build-time estimate ---------------------------------------
+
+CSRC = ROOT / "csrc"
+_DTYPE_ARGS = {"float32": "float, Float", "float64": "double, Double", "float16": "c10::Half, Half",
+               "bfloat16": "c10::BFloat16, BFloat16"}
+
+
+def test_every_cpu_source_is_built_and_every_built_source_exists():
+    listed = set(config.CPU_SOURCES)
+    assert len(listed) == len(config.CPU_SOURCES), "a file is listed twice"
+    on_disk = {p.name for p in CSRC.glob("*.cpp")}
+    assert listed == on_disk, f"not built: {sorted(on_disk - listed)}; missing: {sorted(listed - on_disk)}"
+
+
+@pytest.mark.parametrize("isa", config.CPU_KERNEL_ISAS)
+@pytest.mark.parametrize("dtype", config.CPU_KERNEL_DTYPES)
+def test_each_kernel_file_instantiates_its_own_dtype_only(isa, dtype):
+    """One translation unit per (instruction set, dtype): what lets the cores
+    compile side by side."""
+    name = f"cpu_loss_kernel_{isa}_{dtype}.cpp"
+    assert name in config.kernel_sources("cpu_loss_kernel")
+    text = (CSRC / name).read_text()
+    assert text.count("KF_DEFINE_CPU_KERNELS(") == 1
+    assert f"KF_DEFINE_CPU_KERNELS({_DTYPE_ARGS[dtype]})" in text
+    if isa == "avx2":  # shared headers first, then the pragma, then the kernels
+        order = [text.index(h) for h in ('"cpu_kernel_baseline_includes.h"', '"cpu_avx2_target.h"',
+                                          '"cpu_loss_kernel.h"')]
+        assert order == sorted(order)
+    else:
+        assert "#define CPU_CAPABILITY DEFAULT" in text and "cpu_avx2_target.h" not in text
+
+
+def test_the_dtype_list_of_the_kernels_matches_the_files():
+    """The dispatch (cpu_loss_kernel_args.h) and the files agree on the dtypes."""
+    args = (CSRC / "cpu_loss_kernel_args.h").read_text()
+    for dtype, pair in _DTYPE_ARGS.items():
+        assert f"X({pair})" in args, dtype
+    assert sorted(config.CPU_KERNEL_DTYPES) == sorted(_DTYPE_ARGS)
+
+
+AVX2_OBJECTS = sorted((ROOT / "build" / "temp" / "csrc").glob("*avx2*.o"))
+
+
+def vex_functions(disassembly: str) -> list[str]:
+    """Functions of an ``objdump -d -C`` listing that use VEX (AVX) instructions."""
+    found, name = [], None
+    for line in disassembly.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if header:
+            name = header.group(1)
+            continue
+        fields = line.split("\t")
+        if name and len(fields) >= 2 and fields[-1].split()[:1] and fields[-1].split()[0].startswith("v"):
+            if not found or found[-1] != name:
+                found.append(name)
+    return found
+
+
+def test_vex_detection():
+    listing = ("0000000000000000 <f()>:\n   0:\tvmovups %ymm0,(%rdi)\n"
+               "0000000000000010 <g()>:\n  10:\tmovups %xmm0,(%rdi)\n")
+    assert vex_functions(listing) == ["f()"]
+
+
+@pytest.mark.skipif(not AVX2_OBJECTS or shutil.which("objdump") is None,
+                    reason="needs the objects of a set-up build (build/temp) and objdump")
+@pytest.mark.parametrize("obj", AVX2_OBJECTS, ids=lambda p: p.name)
+def test_avx2_objects_keep_shared_inline_functions_baseline(obj):
+    """The linker keeps one copy of an inline function that several objects
+    define; one from an AVX2 object must not contain AVX instructions (it
+    would crash a CPU without AVX2 in the baseline kernels). Only code of the
+    AVX2 namespaces may."""
+    listing = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", str(obj)],
+                             capture_output=True, text=True, check=True).stdout
+    shared = [f for f in vex_functions(listing) if "AVX2" not in f]
+    assert not shared, f"{obj.name}: AVX code in functions other objects may share: {shared[:5]}"
+
+
+def test_parallel_compile_simulation():
+    """Files start in order, each on the first free core (as ninja does)."""
+    assert config.simulate_parallel_seconds([10, 10, 10], 1) == 30
+    assert config.simulate_parallel_seconds([10, 10, 10], 2) == 20
+    assert config.simulate_parallel_seconds([30, 10, 10, 10], 2) == 30
+    assert config.simulate_parallel_seconds([10, 10, 10, 30], 2) == 40  # a long file last: one core idles
+    assert config.simulate_parallel_seconds([], 2) == 0
+
+
+def test_the_estimate_covers_every_file_and_uses_the_jobs():
+    assert set(config._COMPILE_CPU_SECONDS) == set(config.CPU_SOURCES)
+    assert all(s > 0 for s in config._COMPILE_CPU_SECONDS.values())
+    one, two = config.cpu_build_seconds(1), config.cpu_build_seconds(2)
+    assert one == pytest.approx(sum(config._COMPILE_CPU_SECONDS.values()))
+    assert one / 2 <= two < one
+    # a new file not yet measured counts, and makes the estimate longer
+    assert config.cpu_build_seconds(2, (*config.CPU_SOURCES, "new_kernel.cpp")) > two
+    text = config.build_time_estimate(plan(cpu_only=True), jobs=2)
+    assert text.startswith("about ") and "with 2 compile jobs on an idle machine" in text
+
+
 # --- torch's own choice of architectures -------------------------------------------
 
 
@@ -245,6 +346,36 @@ def test_setup_py_runs_and_says_what_it_builds():
     assert result.returncode == 1
     assert "koemorph_fused: error: KOEMORPH_FUSED_CPU_ONLY='perhaps'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_setup_compiles_the_files_in_the_listed_order(tmp_path):
+    """Longest first (config.CPU_SOURCES), not by name as setuptools sorts them."""
+    code = f"""
+import os
+os.environ[{config.CPU_ONLY_VAR!r}] = "1"
+import runpy, setuptools
+from setuptools._distutils.ccompiler import CCompiler
+captured = {{}}
+setuptools.setup = captured.update  # run setup.py up to its setup() call
+runpy.run_path("setup.py", run_name="__main__")
+class Recorder(CCompiler):
+    executables = {{}}
+
+    def compile(self, sources, *args, **kwargs):
+        print("ORDER", ",".join(os.path.basename(s) for s in sources))
+        raise SystemExit(0)
+dist = setuptools.Distribution(captured)
+cmd = captured["cmdclass"]["build_ext"](dist)
+cmd.ensure_finalized()
+cmd.force = True
+cmd.compiler = Recorder()
+cmd.build_extension(captured["ext_modules"][0])
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    order = result.stdout.split("ORDER ")[-1].split()[0].split(",")
+    assert order == list(config.CPU_SOURCES)
+    assert order != sorted(order)  # what setuptools alone would do
 
 
 def test_objects_stay_in_build_temp_for_incremental_builds(tmp_path):

@@ -204,3 +204,95 @@ def test_ci_asks_for_cuda_for_every_architecture_where_a_toolkit_is(tmp_path):
     repo = fake_repo(tmp_path / "cpu", 0)
     assert ci_run(repo, CUDA_HOME=str(toolkit), KOEMORPH_FUSED_CPU_ONLY="1").returncode == 0
     assert (repo / "setup.env").read_text() == ""
+
+
+# --- .ci/setup: what it installs beside what ------------------------------------------
+
+def setup_array(name: str) -> list[str]:
+    """The packages of one ``NAME=(...)`` list in .ci/setup."""
+    for line in (CI / "setup").read_text().splitlines():
+        if line.startswith(f"{name}=("):
+            return [p.strip("'\"") for p in line[len(name) + 2:line.rindex(")")].split()]
+    raise AssertionError(f".ci/setup has no {name}=(...) list")
+
+
+def _closure(names):
+    """Installed distributions ``names`` need (themselves included), by
+    normalised name; extras are left out."""
+    import importlib.metadata as md
+    import re
+
+    seen, todo = set(), list(names)
+    while todo:
+        name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+        if name in seen:
+            continue
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            continue
+        seen.add(name)
+        todo += [re.match(r"[A-Za-z0-9_.\-]+", r).group(0) for r in dist.requires or [] if "extra ==" not in r]
+    return seen
+
+
+def test_torch_and_the_other_dependencies_share_only_what_is_installed_first():
+    """torch and the other dependencies install side by side (two pip
+    processes): a package both need must be installed before, or the two
+    would write it at the same time. Checked against this environment."""
+    first = {p.lower() for p in setup_array("BUILD_DEPS") + setup_array("SHARED_DEPS")}
+    shared = _closure(["torch"]) & _closure(setup_array("OTHER_DEPS"))
+    assert shared, "the check found no installed packages to compare"
+    assert shared <= first, f"add to SHARED_DEPS in .ci/setup: {sorted(shared - first)}"
+
+
+_STUB_PYTHON = r"""#!/bin/bash
+# .venv/bin/python for a set-up run that installs and builds nothing: it logs
+# what set-up asked for, in order.
+log="$PWD/calls.log"
+case "$*" in
+  *"pip install"*" tqdm "*) echo deps-start >> "$log"; sleep 1.5; echo deps-end >> "$log"; exit "${DEPS_STATUS:-0}";;
+  *"pip install"*" torch") echo torch-start >> "$log"; sleep 0.5; echo torch-end >> "$log";;
+  *"pip install"*" setuptools "*) echo tools >> "$log";;
+  *"pip install -v"*) echo build >> "$log"; touch koemorph_fused/_C.stub.so;;
+  "-c import torch; print(torch.__version__)") exit 1;;
+  "koemorph_fused/_build_config.py --with-estimate") printf 'the CPU backend (stub)\nabout 1 minute\n';;
+  ".ci/build_progress.py"*) cat > /dev/null;;
+  "-c "*) echo import-check >> "$log"; echo "         stub";;
+  *) echo "unexpected: $*" >> "$log"; exit 9;;
+esac
+"""
+
+
+def stub_setup(tmp_path, **env):
+    repo = tmp_path / "repo"
+    (repo / ".ci").mkdir(parents=True)
+    (repo / "koemorph_fused").mkdir()
+    shutil.copy(CI / "setup", repo / ".ci" / "setup")
+    python = repo / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(_STUB_PYTHON)
+    python.chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if k not in ("TORCH_SPEC", "MAX_JOBS")}
+    result = subprocess.run(["bash", str(repo / ".ci" / "setup")], cwd=repo, env={**base, **env},
+                            capture_output=True, text=True, timeout=60)
+    return result, (repo / "calls.log").read_text().split()
+
+
+def test_setup_installs_the_dependencies_beside_torch_and_waits_for_them(tmp_path):
+    result, calls = stub_setup(tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "unexpected:" not in " ".join(calls)
+    order = {c: calls.index(c) for c in calls}
+    assert order["tools"] < order["deps-start"] < order["torch-end"]  # beside torch
+    assert order["torch-end"] < order["build"]
+    assert order["deps-end"] < order["import-check"]  # waited for before the check
+    assert "set-up done" in result.stdout
+    assert "build (no built library yet): about 1 minute;" in result.stdout
+
+
+def test_setup_stops_when_the_dependencies_fail(tmp_path):
+    result, calls = stub_setup(tmp_path, DEPS_STATUS="1")
+    assert result.returncode == 1
+    assert "installing the dependencies failed" in result.stderr and "build/dependencies.log" in result.stderr
+    assert "import-check" not in calls and "set-up done" not in result.stdout

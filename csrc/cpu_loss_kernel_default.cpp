@@ -1,4 +1,0 @@
-// The CPU kernels built for the baseline instruction set of the target.
-#define CPU_CAPABILITY DEFAULT
-#define CPU_CAPABILITY_DEFAULT
-#include "cpu_loss_kernel.h"
