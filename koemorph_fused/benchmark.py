@@ -971,15 +971,15 @@ def run_sequences(settings: dict[str, Any], progress: bool = True) -> list[dict[
     threads_before = torch.get_num_threads()
     summaries = []
     try:
-        for batch, frames in SEQUENCE_SHAPES:
-            case = SequenceCase(batch, frames, threads=2)
+        for threads, (batch, frames) in ((t, shape) for t in settings["threads"] for shape in SEQUENCE_SHAPES):
+            case = SequenceCase(batch, frames, threads=threads)
             tick = (lambda what: print(what, file=sys.stderr, flush=True)) if progress else None
             res = measure_case(case, SEQUENCE_PROVIDERS, settings["min_time"], settings["rounds"], tick,
                                wait_idle=settings.get("wait_idle", 0.0),
                                max_other_load=settings.get("max_other_load", 25.0),
                                step_factory=sequence_step_factory(case))
             ms = res.measurements
-            row: dict[str, Any] = dict(batch=batch, frames=frames, threads=2, other_load_pct=res.other_load_pct)
+            row: dict[str, Any] = dict(batch=batch, frames=frames, threads=threads, other_load_pct=res.other_load_pct)
             for p, m in ms.items():
                 row[f"{p}_s"] = statistics.median(m.times) if m.times else None
                 if m.error:
@@ -998,14 +998,16 @@ def run_sequences(settings: dict[str, Any], progress: bool = True) -> list[dict[
 
 
 def format_sequences(summaries: Sequence[dict[str, Any]]) -> str:
-    lines = ["B    T     " + "  ".join(f"{p:>12}" for p in SEQUENCE_PROVIDERS) + "  ratios (same rounds) vs goals"]
+    lines = ["thr  B    T     " + "  ".join(f"{p:>12}" for p in SEQUENCE_PROVIDERS)
+             + "  ratios (same rounds) vs the goals (set for 2 threads)  others' load"]
     for r in summaries:
         times = "  ".join(f"{_fmt_time(r.get(p + '_s')):>12}" for p in SEQUENCE_PROVIDERS)
         goals = "; ".join(
             f"{g['ratio']} {_fmt_ratio(g['value'], g['lo'], g['hi'])} ({'>=' if g['kind'] == 'min' else '<='} "
             f"{g['goal']:g}: {'met' if g['met'] else 'NOT met' if g['met'] is not None else '-'})"
             for g in r["goals"])
-        lines.append(f"{r['batch']:<4} {r['frames']:<5} {times}  {goals}")
+        lines.append(f"{r['threads']:<4} {r['batch']:<4} {r['frames']:<5} {times}  {goals}  "
+                     f"{_fmt(r['other_load_pct'], '.0f')}%")
     return "\n".join(lines)
 
 
@@ -1057,8 +1059,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "floor_none (its backward returns None), floor_clone (returns the preallocated tensors "
                         f"themselves, so AccumulateGrad clones them) (default: {','.join(BASELINES)})")
     g.add_argument("--sequence", action="store_true",
-                   help="the (B, T, 52) window cases instead: CPU, 2 threads, float32, fwdbwd, lengths and "
-                        "velocity on, (B, T) = " + ", ".join(f"({b}, {t})" for b, t in SEQUENCE_SHAPES)
+                   help="the (B, T, 52) window cases instead: CPU, float32, fwdbwd, lengths and velocity on, "
+                        "--threads as given, (B, T) = " + ", ".join(f"({b}, {t})" for b, t in SEQUENCE_SHAPES)
                         + "; providers " + ", ".join(SEQUENCE_PROVIDERS))
     g.add_argument("--quick", action="store_true",
                    help="a small subset for smoke tests: float32, B=4,1024, 1 thread, fused and eager, "
