@@ -3,10 +3,13 @@ sets (``ATEN_CPU_CAPABILITY``) x thread counts x dtypes.
 
     .venv/bin/python bench/demo_matrix.py                  # the full matrix: 10 x 3 x 2 x 3 = 180 runs
     .venv/bin/python bench/demo_matrix.py --seeds 0,1 --isa default --threads 1
+    .venv/bin/python bench/demo_matrix.py --sequence       # the same matrix for ``demo --sequence``
 
 Each run is exactly ``koemorph-fused demo --seed S --dtype D --threads T``
 with the demo's default sizes (:func:`koemorph_fused.demo.demo_run`): training
 on the fused loss, the reference checking every step on the same outputs.
+With ``--sequence`` each run is ``koemorph-fused demo --sequence --seed S
+--dtype D --threads T`` (:func:`koemorph_fused.demo.sequence.sequence_run`).
 Subprocesses get ``OMP_WAIT_POLICY=PASSIVE`` unless it is set: on a shared
 machine, spinning OpenMP threads slow 2-thread runs down ~10x (the numbers do
 not change).
@@ -80,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch intra-op thread counts (default 1,2)")
     p.add_argument("--dtype", type=csv_list(str, DTYPES), default=list(DTYPES), metavar="LIST",
                    help=f"dtypes (default {','.join(DTYPES)})")
+    p.add_argument("--sequence", action="store_true",
+                   help="run 'demo --sequence' (windows of frames, the fused sequence loss) instead of the row demo")
     p.add_argument("--json", type=output_file, metavar="FILE", help="also write every run's result as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -88,27 +93,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------ worker (in the subprocess)
 
-def run_one(seed: int, dtype: str) -> dict[str, Any]:
-    """One demo run with the default sizes; a JSON-able summary."""
+def run_one(seed: int, dtype: str, sequence: bool = False) -> dict[str, Any]:
+    """One demo run (``sequence``: ``demo --sequence``) with the default sizes; a JSON-able summary."""
     import torch
 
     import koemorph_fused as kf
     from koemorph_fused.demo.data import make_corpus
+    from koemorph_fused.demo.sequence import sequence_run
     from koemorph_fused.demo.train import DemoConfig, demo_run
 
     start = time.perf_counter()
-    result = demo_run(DemoConfig(seed=seed, dtype=dtype), make_corpus(6, seed=seed))
+    run = sequence_run if sequence else demo_run
+    result = run(DemoConfig(seed=seed, dtype=dtype), make_corpus(6, seed=seed))
     verdict = result.verdict
-    flags = Counter(f for row in result.rows for f in row["flags"])
+    flags = Counter(f for row in result.rows for f in row.get("flags", ()))
     totals: dict[str, list[float]] = defaultdict(list)
     for row in result.rows:
         totals[row["phase"]].append(row["total"])
     return dict(
         isa=os.environ.get("ATEN_CPU_CAPABILITY", ""), torch_isa=torch.backends.cpu.get_cpu_capability(),
         kernel=kf._ops.library.cpu_kernel(), threads=torch.get_num_threads(), dtype=dtype, seed=seed,
-        ok=verdict.ok, worst=verdict.worst, first_bad_step=verdict.first_bad_step,
+        sequence=sequence, ok=verdict.ok, worst=verdict.worst, first_bad_step=verdict.first_bad_step,
         dtype_errors=list(verdict.dtype_errors), steps=verdict.steps,
-        flagged_steps=sum(1 for row in result.rows if row["flags"]), flags=dict(flags),
+        flagged_steps=sum(1 for row in result.rows if row.get("flags")), flags=dict(flags),
         totals={phase: [min(v), max(v)] for phase, v in totals.items()},
         seconds=time.perf_counter() - start,
     )
@@ -121,7 +128,7 @@ def worker(args: argparse.Namespace) -> int:
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # imports torch._dynamo once, outside the timings
     for dtype in args.dtype:
         for seed in args.seeds:
-            print(json.dumps(run_one(seed, dtype)), flush=True)
+            print(json.dumps(run_one(seed, dtype, args.sequence)), flush=True)
     return 0
 
 
@@ -144,7 +151,8 @@ def run_matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
                 # make 2-thread runs ~10x slower; which thread computes what (the numbers) is unchanged.
                 env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--seeds", seeds,
-                       "--threads", str(threads), "--dtype", ",".join(args.dtype), "--no-progress"]
+                       "--threads", str(threads), "--dtype", ",".join(args.dtype), "--no-progress"] + (
+                    ["--sequence"] if args.sequence else [])
                 with tempfile.TemporaryFile("w+") as stderr:
                     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
                     assert proc.stdout is not None
@@ -187,14 +195,16 @@ def format_table(results: list[dict[str, Any]]) -> str:
 def format_totals(results: list[dict[str, Any]]) -> str:
     from koemorph_fused.demo.train import EXPECTED_TOTAL
 
-    lines = ["total per phase over all runs (the demo's expected ranges must cover them):"]
+    sequence = any(r.get("sequence") for r in results)
+    lines = ["total per phase over all runs" + (" (demo --sequence has no expected ranges):" if sequence else
+                                                " (the demo's expected ranges must cover them):")]
     for phase in ("early", "mid", "late"):
         seen = [r["totals"][phase] for r in results if phase in r["totals"]]
         if not seen:
             continue
         lo, hi = min(s[0] for s in seen), max(s[1] for s in seen)
         e_lo, e_hi = EXPECTED_TOTAL[phase]
-        lines.append(f"  {phase:<5} {lo:.4f} .. {hi:.4f}   (expected {e_lo:g} .. {e_hi:g})")
+        lines.append(f"  {phase:<5} {lo:.4f} .. {hi:.4f}" + ("" if sequence else f"   (expected {e_lo:g} .. {e_hi:g})"))
     return "\n".join(lines)
 
 
@@ -205,7 +215,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     import koemorph_fused
 
     print(f"koemorph_fused from {Path(koemorph_fused.__file__).parent}; {os.cpu_count()} CPUs; "
-          f"{len(args.seeds)} seeds x {len(args.isa)} ISA x {len(args.threads)} thread counts x "
+          + ("demo --sequence; " if args.sequence else "")
+          + f"{len(args.seeds)} seeds x {len(args.isa)} ISA x {len(args.threads)} thread counts x "
           f"{len(args.dtype)} dtypes", flush=True)
     start = time.perf_counter()
     try:

@@ -1,5 +1,8 @@
 // CPU implementations of the koemorph_fused operators: argument checks,
 // output allocation, and the choice between the baseline and AVX2 kernels.
+#include <optional>
+#include <vector>
+
 #include <ATen/ATen.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
@@ -28,6 +31,15 @@ namespace {
 bool use_avx2() {
   static const bool avx2 = std::string(cpu_kernel_isa()) == "AVX2";
   return avx2;
+}
+
+void run_scale_kernel(const cpu::ScaleArgs& a) {
+#if KF_HAVE_AVX2_KERNELS
+  if (use_avx2()) cpu::AVX2::scale_kernel(a);
+  else cpu::DEFAULT::scale_kernel(a);
+#else
+  cpu::DEFAULT::scale_kernel(a);
+#endif
 }
 
 void* grad_data(const at::Tensor& g) { return g.numel() ? g.mutable_data_ptr() : nullptr; }
@@ -100,13 +112,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_gradients_cpu(const at::Ten
   }
   const at::Tensor go = grad_output.to(accumulation_dtype(dtype));
   a.grad_output = go.const_data_ptr();
-#if KF_HAVE_AVX2_KERNELS
-  if (use_avx2()) cpu::AVX2::scale_kernel(a);
-  else cpu::DEFAULT::scale_kernel(a);
-#else
-  cpu::DEFAULT::scale_kernel(a);
-#endif
+  run_scale_kernel(a);
   return {out[0], out[1], out[2]};
+}
+
+// In place: the scaling kernel with out == saved (each element is read before
+// it is written). float16 tensors go through a float32 copy, the kernel's
+// saved type for them.
+void scale_gradients_in_place_cpu(const at::Tensor& grad_output, at::TensorList grads) {
+  const std::optional<at::ScalarType> dtype = check_scale_gradients_in_place(grad_output, grads);
+  if (!dtype) return;
+  const at::Tensor go = grad_output.to(accumulation_dtype(*dtype));
+  if (go.item<double>() == 1.0) return;  // x * 1 == x: nothing to write
+  std::vector<at::Tensor> sources;  // float32 copies of float16 tensors
+  cpu::ScaleArgs a{};
+  a.dtype = *dtype;
+  a.grad_output = go.const_data_ptr();
+  int n = 0;
+  auto run = [&] {
+    run_scale_kernel(a);
+    a.saved[0] = a.saved[1] = a.saved[2] = nullptr;
+    n = 0;
+  };
+  for (const at::Tensor& g : grads) {
+    if (g.numel() == 0) continue;
+    if (*dtype == at::kHalf) sources.push_back(g.to(at::kFloat));
+    a.saved[n] = *dtype == at::kHalf ? sources.back().const_data_ptr() : g.const_data_ptr();
+    a.out[n] = g.mutable_data_ptr();
+    a.numel[n] = g.numel();
+    if (++n == 3) run();
+  }
+  if (n > 0) run();
 }
 
 }  // namespace
@@ -114,6 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_gradients_cpu(const at::Ten
 TORCH_LIBRARY_IMPL(koemorph_fused, CPU, m) {
   m.impl("temporal_loss_forward", &temporal_loss_forward_cpu);
   m.impl("scale_gradients", &scale_gradients_cpu);
+  m.impl("scale_gradients_", &scale_gradients_in_place_cpu);
 }
 
 }  // namespace koemorph_fused

@@ -6,9 +6,9 @@
 // koemorph_fused._ops.FusedTemporalLoss, the Python autograd.Function. Both
 // do the same thing: forward runs temporal_loss_forward, which also computes
 // the gradients, and saves them; backward scales them by grad_output, or,
-// under create_graph, makes them differentiable. Here backward also hands
-// them over unchanged when grad_output is a CPU 1 and the graph is being
-// freed. tests/test_autograd.py runs its checks on both.
+// under create_graph, makes them differentiable. When the graph is being
+// freed, both scale them in place (scale_gradients_) and hand them over.
+// tests/test_autograd.py runs its checks on both.
 //
 // Why a second implementation: at B = 4 the Python Function's bookkeeping
 // (creating its ctx, running forward and backward as Python code, output
@@ -21,6 +21,8 @@
 #include <c10/core/DispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/graph_task.h>
+#include <torch/csrc/autograd/variable.h>
+#include <torch/library.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include "loss_inputs.h"
@@ -72,11 +74,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_gradients(
   const int64_t cols = pred.size(-1);
   const int64_t rows = pred.numel() / cols;
   const at::ScalarType acc = colw.scalar_type();
-  at::Tensor w = weights.to(colw.device(), acc);  // tensor ops only: no host sync
-  // As the kernels: a weight that is not finite and > 0 counts as 0.
+  // The kernels' weight rule (effective_weight in loss_math.h), in float64
+  // where the weights are, then the kernels' coefficients rounded once to
+  // acc. CPU weights stay on the CPU: their 0-dim slices enter the device
+  // ops below as scalars (no host-to-device copy, no sync, capture-safe).
+  at::Tensor w = weights.to(at::kDouble);
   w = at::where(w.gt(0).logical_and(w.isfinite()), w, at::zeros({}, w.options()));
-  const at::Tensor kd = 2.0 * w[0] / static_cast<double>(rows * cols) +
-                        2.0 * w[2] / static_cast<double>(rows) * colw;
+  auto coefficient = [&](int term, double scale) { return (w[term] * scale).to(acc); };
+  const at::Tensor kd = coefficient(0, 2.0 / static_cast<double>(rows * cols)) +
+                        coefficient(2, 2.0 / static_cast<double>(rows)) * colw;
   const at::Tensor d_pred = (pred - pred.detach()).to(acc);
   const at::Tensor d_target = (target - target.detach()).to(acc);
   const at::Tensor lin_d = kd * (d_pred - d_target);
@@ -86,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_gradients(
     const at::Tensor m = state[2].isNone() ? at::ones(rows_shape, pred.options().dtype(acc))
                                            : state[2].toTensor().to(acc);
     const at::Tensor m_sum = m.sum();
-    const at::Tensor kt = 2.0 * w[3] / static_cast<double>(cols) * m /
+    const at::Tensor kt = coefficient(3, 2.0 / static_cast<double>(cols)) * m /
                           at::where(m_sum > 0, m_sum, at::ones_like(m_sum));
     lin_pred = lin_pred + kt.unsqueeze(-1) * d_pred;
   }
@@ -129,15 +135,17 @@ struct TemporalLossFunction : public torch::autograd::Function<TemporalLossFunct
     at::Tensor g_pred, g_target, g_raw;
     if (at::GradMode::is_enabled()) {  // backward(create_graph=True)
       std::tie(g_pred, g_target, g_raw) = differentiable_gradients(state, saved, go);
-    } else if (saved[0].scalar_type() == dtype && is_unit_cpu_scalar(go) &&
+    } else if (saved[0].scalar_type() == dtype &&
                !torch::autograd::get_current_graph_task_keep_graph()) {
-      // loss.backward() on the CPU: grad_output is exactly 1, so the saved
-      // gradients are the answer. Handing them over (instead of a scaled
-      // copy) saves a pass over memory. Only when the graph is being freed:
-      // under retain_graph=True the caller would get the very buffer a
-      // second backward reads (autograd.grad returns it as it is), so then
-      // they take the scaling pass like any other grad_output. (float16
-      // saves float32 gradients, which always take it to become float16.)
+      // The graph is being freed and the saved gradients have the input's
+      // dtype: scale them in place and hand them over (no allocation, one
+      // pass that only writes when grad_output != 1, read on the device).
+      // Not under retain_graph=True: the caller would get the very buffer a
+      // second backward reads (autograd.grad returns it as it is). float16
+      // saves float32 gradients, which take the scaling pass to become
+      // float16. A CPU grad_output of 1 (loss.backward() on the CPU) skips
+      // even the call.
+      if (!is_unit_cpu_scalar(go)) scale_in_place_operator().call(go, saved);
       g_pred = saved[0], g_target = saved[1], g_raw = saved[2];
     } else {
       std::tie(g_pred, g_target, g_raw) =
@@ -150,7 +158,27 @@ struct TemporalLossFunction : public torch::autograd::Function<TemporalLossFunct
   }
 };
 
+// Autograd kernel of scale_gradients_: not differentiable (it runs in
+// backward, on saved gradients), but it modifies its tensors, so it bumps
+// their version counters: a later unpacking of a saved tensor it changed
+// raises instead of reading the scaled values.
+void scale_gradients_in_place_autograd(const at::Tensor& grad_output, at::TensorList grads) {
+  for (const at::Tensor& g : grads) {
+    TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && g.requires_grad()),
+                      "scale_gradients_: grads must not require grad");
+  }
+  {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    scale_in_place_operator().call(grad_output, grads);
+  }
+  for (const at::Tensor& g : grads) torch::autograd::impl::bump_version(g);
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(koemorph_fused, Autograd, m) {
+  m.impl("scale_gradients_", &scale_gradients_in_place_autograd);
+}
 
 bool is_unit_cpu_scalar(const at::Tensor& t) {
   if (!t.defined() || !t.is_cpu() || t.layout() != at::kStrided || t.numel() != 1 ||

@@ -154,14 +154,21 @@ ForwardOutputs allocate_outputs(const LossInputs& in, const at::Tensor& pred) {
           grad_or_empty(in.grad_target), grad_or_empty(in.grad_raw)};
 }
 
-void check_scale_gradients(const at::Tensor& grad_output, at::TensorList grads, at::ScalarType dtype) {
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                       dtype == at::kBFloat16,
-                   "dtype must be float16, bfloat16, float32 or float64, got ", dtype);
+namespace {
+
+void check_grad_output(const at::Tensor& grad_output) {
   TORCH_CHECK_VALUE(grad_output.dim() == 0, "grad_output must be a 0-dim tensor, got shape ",
                     grad_output.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(grad_output.scalar_type()),
                    "grad_output must be a floating tensor, got ", grad_output.scalar_type());
+}
+
+}  // namespace
+
+void check_scale_gradients(const at::Tensor& grad_output, at::TensorList grads, at::ScalarType dtype) {
+  TORCH_CHECK_TYPE(is_supported_dtype(dtype),
+                   "dtype must be float16, bfloat16, float32 or float64, got ", dtype);
+  check_grad_output(grad_output);
   for (const auto& g : grads) {
     TORCH_CHECK_VALUE(g.numel() == 0 || g.device() == grad_output.device(),
                       "saved gradients must be on the device of grad_output (",
@@ -172,6 +179,24 @@ void check_scale_gradients(const at::Tensor& grad_output, at::TensorList grads, 
                      "saved gradients for dtype ", dtype, " must be ", gradient_storage_dtype(dtype),
                      ", got ", g.scalar_type());
   }
+}
+
+std::optional<at::ScalarType> check_scale_gradients_in_place(const at::Tensor& grad_output,
+                                                             at::TensorList grads) {
+  check_grad_output(grad_output);
+  std::optional<at::ScalarType> dtype;
+  for (const auto& g : grads) {
+    if (g.numel() == 0) continue;
+    TORCH_CHECK_TYPE(is_supported_dtype(g.scalar_type()),
+                     "grads must be float16, bfloat16, float32 or float64, got ", g.scalar_type());
+    TORCH_CHECK_TYPE(!dtype || *dtype == g.scalar_type(), "grads must all have one dtype, got ",
+                     *dtype, " and ", g.scalar_type());
+    TORCH_CHECK_VALUE(g.device() == grad_output.device(), "grads must be on the device of grad_output (",
+                      grad_output.device(), "), got ", g.device());
+    TORCH_CHECK_VALUE(g.is_contiguous(), "grads must be contiguous");
+    dtype = g.scalar_type();
+  }
+  return dtype;
 }
 
 }  // namespace koemorph_fused

@@ -66,4 +66,10 @@ ForwardOutputs allocate_outputs(const LossInputs& in, const at::Tensor& pred);
 // gradient_storage_dtype(dtype).
 void check_scale_gradients(const at::Tensor& grad_output, at::TensorList grads, at::ScalarType dtype);
 
+// Checks for scale_gradients_: grad_output as above; the non-empty tensors of
+// `grads` (any shape) contiguous, on its device and all of one of float16,
+// bfloat16, float32 or float64, which is returned (nullopt: all are empty).
+std::optional<at::ScalarType> check_scale_gradients_in_place(const at::Tensor& grad_output,
+                                                             at::TensorList grads);
+
 }  // namespace koemorph_fused

@@ -10,6 +10,7 @@
 // s = pred - raw, R rows, C columns, N = R*C, m_r the continuity mask.
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 
@@ -43,6 +44,14 @@ struct Lanes {
   // gradient that the reference never computes.
   static KF_HD T keep_nonzero(T k, T v) { return k != T(0) ? v : T(0); }
 };
+
+// ---------------------------------------------------------------------------
+// The weight rule, in float64 before any rounding to the accumulation type:
+// a weight that is not finite and > 0 counts as 0 (host weights are checked
+// earlier; device ones cannot be without a sync). The create_graph
+// linearisations (csrc/loss_autograd.cpp, koemorph_fused/_ops.py) apply the
+// same rule to the float64 weights with tensor ops.
+KF_HD double effective_weight(double w) { return (w > 0.0 && w <= DBL_MAX) ? w : 0.0; }
 
 // ---------------------------------------------------------------------------
 // Coefficients of one call, computed once on the host in the accumulation

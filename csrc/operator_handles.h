@@ -1,4 +1,4 @@
-// Typed dispatcher handles of the two operators (csrc/ops.cpp), for C++
+// Typed dispatcher handles of the operators (csrc/ops.cpp), for C++
 // callers: calls through them run every dispatch key (autograd, fake
 // tensors, dispatch modes, CPU/CUDA) as torch.ops does, without boxing.
 #pragma once
@@ -20,6 +20,7 @@ using ForwardSignature = ForwardOutputs(const at::Tensor&, const at::Tensor&,
                                         const at::Tensor&, bool, bool, bool);
 using ScaleSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType);
+using ScaleInPlaceSignature = void(const at::Tensor&, at::TensorList);
 
 // koemorph_fused::temporal_loss_forward, looked up once.
 inline const c10::TypedOperatorHandle<ForwardSignature>& forward_operator() {
@@ -34,6 +35,14 @@ inline const c10::TypedOperatorHandle<ScaleSignature>& scale_operator() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("koemorph_fused::scale_gradients", "")
                              .typed<ScaleSignature>();
+  return op;
+}
+
+// koemorph_fused::scale_gradients_, looked up once.
+inline const c10::TypedOperatorHandle<ScaleInPlaceSignature>& scale_in_place_operator() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("koemorph_fused::scale_gradients_", "")
+                             .typed<ScaleInPlaceSignature>();
   return op;
 }
 

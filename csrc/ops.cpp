@@ -3,7 +3,7 @@
 //
 // The kernels are registered per backend in cpu_loss_kernel.cpp and
 // cuda/loss_kernel.cu; the fake (meta) kernels and autograd live in Python
-// (koemorph_fused/_ops.py).
+// (koemorph_fused/_ops.py) and csrc/loss_autograd.cpp.
 #include <Python.h>
 
 #include <torch/library.h>
@@ -40,6 +40,12 @@ TORCH_LIBRARY(koemorph_fused, m) {
   m.def(
       "scale_gradients(Tensor grad_output, Tensor grad_pred, Tensor grad_target, Tensor grad_raw, "
       "ScalarType dtype) -> (Tensor, Tensor, Tensor)");
+  // Backward that hands the saved gradients over: each of `grads` (any shape,
+  // contiguous, one dtype among float16/bfloat16/float32/float64) times
+  // grad_output in place, multiplied in the accumulation dtype and rounded
+  // once, as scale_gradients. grad_output is read where it lives (on the
+  // device: no sync, capture-safe); when it is 1 nothing is written.
+  m.def("scale_gradients_(Tensor grad_output, Tensor(a!)[] grads) -> ()");
   // Windows of frames (B, T, C): one pass computing the six per-frame terms
   // (mse, l1, perceptual, temporal, smoothing, velocity), their reduction, this
   // call's counts (|V|, |V|, |V|, |P|, |V| or 0, |P_v|) and the requested
@@ -66,6 +72,8 @@ TORCH_LIBRARY_IMPL(koemorph_fused, Autograd, m) {
   m.impl("scale_gradients", torch::CppFunction::makeFallthrough());
   m.impl("sequence_loss_forward", torch::CppFunction::makeFallthrough());
 }
+// scale_gradients_ has an Autograd kernel (loss_autograd.cpp): it bumps the
+// version counters of the tensors it modifies.
 
 namespace {
 

@@ -13,8 +13,9 @@ its gradients in one fused C++/CUDA pass.
 from . import _ops  # loads the compiled operators first
 from . import blendshapes, reference
 from .functional import temporal_loss
-from .modules import FusedKoeMorphLoss
-from .terms import EXPRESSION_INDICES, MOUTH_INDICES, TERM_NAMES, LossOutput
+from .sequence import sequence_counts, sequence_loss
+from .modules import FusedKoeMorphLoss, FusedKoeMorphSequenceLoss
+from .terms import EXPRESSION_INDICES, MOUTH_INDICES, SEQUENCE_TERM_NAMES, TERM_NAMES, LossOutput, SequenceLossOutput
 from .weights import LossWeights
 from .config import ConfigError, LossConfig, load_loss_config, load_loss_weights
 from .continuity import continuity_mask
@@ -27,12 +28,17 @@ __version__ = "0.1.0"
 __all__ = [
     "EXPRESSION_INDICES",
     "FusedKoeMorphLoss",
+    "FusedKoeMorphSequenceLoss",
     "LossOutput",
     "LossWeights",
     "MOUTH_INDICES",
+    "SEQUENCE_TERM_NAMES",
+    "SequenceLossOutput",
     "TERM_NAMES",
     "blendshapes",
     "reference",
+    "sequence_counts",
+    "sequence_loss",
     "temporal_loss",
     "ConfigError",
     "LossConfig",

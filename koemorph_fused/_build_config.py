@@ -70,6 +70,9 @@ CPU_SOURCES = (
     "cpu_loss_kernel.cpp",
     "cpu_loss_kernel_default.cpp",
     "cpu_loss_kernel_avx2.cpp",
+    "cpu_sequence_kernel.cpp",
+    "cpu_sequence_kernel_default.cpp",
+    "cpu_sequence_kernel_avx2.cpp",
 )
 CUDA_SOURCES = ("cuda/loss_kernel.cu", "cuda/sequence_kernel.cu")
 

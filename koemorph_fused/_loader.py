@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.machinery
 import importlib.util
+import logging
 import os
 import shutil
 import sys
@@ -22,9 +23,28 @@ from . import _build_config as config
 _INSTALL_HINT = "Install it with:  pip install --no-build-isolation .  (from the source tree)"
 
 
+def import_cpp_extension() -> ModuleType:
+    """``torch.utils.cpp_extension``, imported without its warning "No CUDA
+    runtime is found, using CUDA_HOME=..." where no GPU is visible: it says
+    nothing on a CPU-only machine that has a toolkit. Import it only where it
+    is needed (a build; torch.compile imports it too), never at package import."""
+    import torch
+
+    name = "torch.utils.cpp_extension"
+    if name in sys.modules or torch.cuda.is_available():
+        return importlib.import_module(name)
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return importlib.import_module(name)
+    finally:
+        logger.setLevel(level)
+
+
 def _missing_build_tools(with_cuda: bool) -> list[str]:
     """What a just-in-time build would lack, each with how to fix it."""
-    from torch.utils import cpp_extension
+    cpp_extension = import_cpp_extension()
 
     missing = []
     cxx = os.environ.get("CXX", "c++")
@@ -52,7 +72,7 @@ def _build_just_in_time(reason: Exception) -> ModuleType:
             f"built just in time: {exc}"
         ) from reason
     config.apply_plan(plan)  # before cpp_extension reads CUDA_HOME
-    from torch.utils import cpp_extension
+    cpp_extension = import_cpp_extension()
 
     with_cuda = plan.with_cuda
     missing = _missing_build_tools(with_cuda)

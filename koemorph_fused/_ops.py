@@ -4,7 +4,8 @@
   five terms, the total and the requested gradients (csrc/cpu_loss_kernel.cpp,
   csrc/cuda/loss_kernel.cu);
 * ``torch.ops.koemorph_fused.scale_gradients``: backward, the saved gradients
-  times ``grad_output``.
+  times ``grad_output``; ``scale_gradients_`` does it in place, for a backward
+  that hands the saved gradients over.
 
 Here they get their fake (meta) kernels, for torch.compile and torch.export,
 a vmap rule, and :class:`FusedTemporalLoss`, the ``torch.autograd.Function``
@@ -36,6 +37,10 @@ library = load_library()  # registers the operators
 
 _torch_forward = torch.ops.koemorph_fused.temporal_loss_forward.default
 _torch_scale = torch.ops.koemorph_fused.scale_gradients.default
+_torch_scale_in_place = torch.ops.koemorph_fused.scale_gradients_.default
+# Whether the running backward keeps its graph (retain_graph); None where
+# torch lacks the query (then backward never hands its buffers over).
+_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
 _fast_forward = library.forward
 _fast_scale = library.scale
 _fast_loss = library.loss
@@ -96,6 +101,11 @@ def _temporal_loss_forward_fake(
 @torch.library.register_fake("koemorph_fused::scale_gradients")
 def _scale_gradients_fake(grad_output, grad_pred, grad_target, grad_raw, dtype):
     return tuple(torch.empty_like(g, dtype=dtype) for g in (grad_pred, grad_target, grad_raw))
+
+
+@torch.library.register_fake("koemorph_fused::scale_gradients_")
+def _scale_gradients_in_place_fake(grad_output, grads):
+    return None
 
 
 
@@ -166,15 +176,18 @@ class FusedTemporalLoss(torch.autograd.Function):
         if grad_total is None:  # total did not reach the loss being differentiated
             return (None,) * 10
         grads = ctx.saved_tensors
+        dtype = ctx.inputs[0].dtype
         if torch.is_grad_enabled():  # backward(create_graph=True), torch.func.grad
             grads = _differentiable_gradients(ctx.inputs, grads, grad_total)
+        elif _can_hand_over(grads, grad_total, dtype):
+            # As the C++ node: scaled in place (the same bits as the scaling
+            # pass) and handed over, as the graph is being freed.
+            _torch_scale_in_place(grad_total, list(grads))
         else:
-            # The same scaling pass as the C++ node (grad_output read in its
-            # own precision, one rounding to the input dtype), always into new
-            # tensors: a retained graph must not hand out the buffer a second
-            # backward reads. (The C++ node hands it over when the graph is
-            # being freed.)
-            grads = scale_op(grad_total, *grads, ctx.inputs[0].dtype)
+            # The scaling pass (grad_output read in its own precision, one
+            # rounding to the input dtype) into new tensors: a retained graph
+            # must not hand out the buffer a second backward reads.
+            grads = scale_op(grad_total, *grads, dtype)
         need = ctx.needs_input_grad
         return (
             grads[0] if need[0] else None,
@@ -208,6 +221,22 @@ class FusedTemporalLossWithJvp(FusedTemporalLoss):
         return total_t, None, None, None, None
 
 
+def _can_hand_over(saved, grad_total, dtype) -> bool:
+    """Whether backward may scale the saved gradients in place and return
+    them: they have the input's dtype, the graph is being freed (not
+    ``retain_graph``, not ``create_graph``), and they are plain eager tensors
+    (not traced, not under a torch.func transform, no tensor subclass)."""
+    return (
+        not torch.compiler.is_compiling()  # first: dynamo cannot trace the query below
+        and saved[0].dtype == dtype
+        and _keep_graph is not None
+        and not _keep_graph()
+        and not _transform_active()
+        and type(grad_total) is torch.Tensor
+        and all(type(g) is torch.Tensor for g in saved)
+    )
+
+
 def _differentiable_gradients(inputs, saved, grad_total):
     """The saved gradients made differentiable, for double backward.
 
@@ -223,10 +252,17 @@ def _differentiable_gradients(inputs, saved, grad_total):
     cols = pred.shape[-1]
     rows = pred.numel() // cols
     acc = colw.dtype
-    w = weights.to(device=colw.device, dtype=acc)  # tensor ops only: no host sync
-    # As the kernels: a weight that is not finite and > 0 counts as 0.
+    # The kernels' weight rule (effective_weight in csrc/loss_math.h), in
+    # float64 where the weights are, then the kernels' coefficients rounded
+    # once to acc. CPU weights stay on the CPU: their 0-dim slices enter the
+    # device ops below as scalars (no host-to-device copy, no sync).
+    w = weights.to(torch.float64)
     w = torch.where((w > 0) & w.isfinite(), w, w.new_zeros(()))
-    kd = 2.0 * w[0] / (rows * cols) + 2.0 * w[2] / rows * colw
+
+    def coefficient(term: int, scale: float) -> torch.Tensor:
+        return (w[term] * scale).to(acc)
+
+    kd = coefficient(0, 2.0 / (rows * cols)) + coefficient(2, 2.0 / rows) * colw
     d_pred = (pred - pred.detach()).to(acc)
     d_target = (target - target.detach()).to(acc)
     lin_d = kd * (d_pred - d_target)
@@ -234,7 +270,7 @@ def _differentiable_gradients(inputs, saved, grad_total):
     if has_prev:
         m = pred.new_ones(pred.shape[:-1], dtype=acc) if mask is None else mask.to(acc)
         m_sum = m.sum()
-        kt = 2.0 * w[3] / cols * m / torch.where(m_sum > 0, m_sum, torch.ones_like(m_sum))
+        kt = coefficient(3, 2.0 / cols) * m / torch.where(m_sum > 0, m_sum, torch.ones_like(m_sum))
         lin_pred = lin_pred + kt.unsqueeze(-1) * d_pred
     out = []
     for saved, lin, like in ((grad_pred, lin_pred, pred), (grad_target, -lin_d, target), (grad_raw, None, pred)):
@@ -247,26 +283,25 @@ def _differentiable_gradients(inputs, saved, grad_total):
     return out
 
 
-def _make_column_weights(
-    mouth: tuple[int, ...], expression: tuple[int, ...], cols: int, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
+def _column_weight_values(mouth: tuple[int, ...], expression: tuple[int, ...], cols: int) -> list[float]:
     values = [0.0] * cols
     for group in (mouth, expression):
         for i in group:
             values[i] += 1.0 / len(group)
-    if device.type == "cpu":
-        return torch.tensor(values, dtype=dtype)
-    # Built on the device by kernels, from scalars: no host-to-device copy,
-    # which would be illegal while a CUDA graph is being captured.
-    out = torch.zeros(cols, dtype=dtype, device=device)
-    columns = torch.arange(cols, device=device)
-    for c, v in enumerate(values):
-        if v:
-            out.masked_fill_(columns == c, v)
-    return out
+    return values
 
 
-_COLUMN_WEIGHTS: dict = {}  # (mouth, expression, C, dtype, device) -> tensor
+_MAX_CACHED_KEYS = 256
+_COLUMN_WEIGHTS: dict = {}  # (mouth, expression, C, dtype, device) -> tensor; never evicted
+_CAPTURE_SOURCES: dict = {}  # the same key -> the host tensor that captured copies read
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether the current stream of ``device`` is being captured into a CUDA graph."""
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
 
 
 def column_weights(
@@ -277,20 +312,34 @@ def column_weights(
 
     ``mouth`` and ``expression`` are index tuples already normalized by
     :func:`~koemorph_fused._validation.normalize_indices` (ints in [0, C)), so
-    the tensor is a function of the key alone; it is kept per (indices, C,
+    the tensor is a function of the key alone. It is kept per (indices, C,
     dtype, device), so that a training step creates no tensor for it (on a
-    GPU: no kernel launches either)."""
+    GPU: no copy either). Lifetimes (docs/design.md, "Column weights"):
+
+    * outside a CUDA graph capture it is made by a blocking copy, complete on
+      return (any stream may read it), and kept for good: entries are never
+      evicted, since a graph captured later may read them; past
+      ``_MAX_CACHED_KEYS`` keys a call makes its own tensor and keeps none;
+    * inside a capture nothing is cached (the tensor would be filled only by
+      a replay): one copy node from a host tensor kept for good, as the
+      graph's replays read it; the device tensor lives in the graph's pool.
+    """
     key = (mouth, expression, cols, dtype, device)
     cached = _COLUMN_WEIGHTS.get(key)
     if cached is not None:
         return cached
-    result = _make_column_weights(mouth, expression, cols, accumulation_dtype(dtype), device)
+    acc = accumulation_dtype(dtype)
+    if _capturing(device):
+        source = _CAPTURE_SOURCES.get(key)
+        if source is None:
+            source = _CAPTURE_SOURCES[key] = torch.tensor(_column_weight_values(mouth, expression, cols), dtype=acc)
+        # Asynchronous: recorded as one copy node, read from `source` at each replay.
+        return source.to(device, non_blocking=True)
+    result = torch.tensor(_column_weight_values(mouth, expression, cols), dtype=acc, device=device)
     # Made while tracing or inside a torch.func transform, the tensor belongs
     # to that trace or transform level (a functorch wrapper, without storage
     # of its own): never keep it for later calls.
-    if not torch.compiler.is_compiling() and not _transform_active():
-        if len(_COLUMN_WEIGHTS) > 256:
-            _COLUMN_WEIGHTS.clear()
+    if len(_COLUMN_WEIGHTS) < _MAX_CACHED_KEYS and not torch.compiler.is_compiling() and not _transform_active():
         _COLUMN_WEIGHTS[key] = result
     return result
 

@@ -4,7 +4,7 @@ reject the same misuse with the same message before any kernel runs."""
 from __future__ import annotations
 
 import numbers
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -125,14 +125,35 @@ def check_inputs(
     return pred, target, prev, raw, mask
 
 
+def _mask_columns(name: str, mask: torch.Tensor, cols: int) -> tuple[int, ...]:
+    """The columns a 1-D bool or uint8 tensor selects: as in ``x[..., mask]``,
+    it is a mask of C entries (torch reads a uint8 index as a mask too). A
+    uint8 entry other than 0 or 1 is an error: such a tensor was meant to hold
+    column numbers, which need an integer dtype such as torch.long."""
+    if mask.numel() != cols:
+        raise ValueError(f"{name} is a {mask.dtype} tensor, a mask as in pred[..., {name}]: it needs C = {cols} "
+                         f"entries, got {mask.numel()}; for column numbers use an integer tensor (torch.long)")
+    values = mask.tolist()
+    if mask.dtype == torch.uint8:
+        other = next((v for v in values if v not in (0, 1)), None)
+        if other is not None:
+            raise ValueError(f"{name} is a uint8 tensor, a mask as in pred[..., {name}] (entries 0 or 1), but "
+                             f"holds {other}; for column numbers use an integer tensor (torch.long)")
+    return tuple(i for i, v in enumerate(values) if v)
+
+
 def normalize_indices(name: str, indices: Any, cols: int) -> tuple[int, ...]:
     """Column indices as non-negative ints, used the way ``x[..., indices]``
     uses them: repeats kept, negatives counted from the end, each in [-C, C).
 
     Every call of the fused loss and of the reference validates its index
     arguments here, so the answer never depends on what ran before. Accepts a
-    sequence or iterable of ints (a generator is read once) or a 1-D integer
-    tensor; rejects floats and bools, even integral ones (``12.0``, ``True``)."""
+    sequence or iterable of ints (a generator is read once), a 1-D integer
+    tensor (column numbers), or a 1-D bool or uint8 tensor of C entries: a
+    mask, as ``x[..., mask]`` reads it (see :func:`_mask_columns`); rejects
+    floats and bools in a sequence, even integral ones (``12.0``, ``True``)."""
+    if isinstance(indices, torch.Tensor) and indices.dim() == 1 and indices.dtype in (torch.bool, torch.uint8):
+        return _mask_columns(name, indices, cols)
     if isinstance(indices, torch.Tensor):
         if indices.dim() > 1 or indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
             raise TypeError(f"{name} must be a 1-D integer tensor or a sequence of ints, got {indices.dtype} "
@@ -154,3 +175,183 @@ def normalize_indices(name: str, indices: Any, cols: int) -> tuple[int, ...]:
             raise ValueError(f"{name} holds index {i}, outside [-{cols}, {cols}) for C = {cols}")
         out.append(i % cols)
     return tuple(out)
+
+
+# ---------------------------------------------------------------------------
+# Sequences: (B, T, C) windows of frames (docs/spec.md, "Sequences").
+
+#: ``reduction=`` of the sequence loss, and the operator's code for each.
+REDUCTIONS: dict[str, int] = {"none": 0, "mean": 1, "sum": 2}
+
+
+class SequenceInputs(NamedTuple):
+    """One validated call of the sequence loss: the tensors the operator reads."""
+
+    pred: torch.Tensor
+    target: torch.Tensor
+    raw: Optional[torch.Tensor]
+    prev: Optional[torch.Tensor]          # detached; None when no window continues (continuity=False)
+    prev_target: Optional[torch.Tensor]   # detached; only with prev
+    lengths: Optional[torch.Tensor]       # (B,) integer
+    mask: Optional[torch.Tensor]          # (B, T), detached
+    continuity: Optional[torch.Tensor]    # (B,) or (B, T), detached; None = all 1
+
+
+def _values_readable(x: torch.Tensor) -> bool:
+    """Whether ``x``'s values can be read on the host now: not while tracing
+    (torch.compile, export) and not while a CUDA graph is being captured."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _check_values(name: str, ok: torch.Tensor, message: str) -> None:
+    """Raise ``ValueError(message)`` unless the 0-dim bool ``ok`` is true.
+    Where values cannot be read (tracing, capture) the check runs on the
+    device (torch._assert_async) instead of being skipped. Eager CUDA calls
+    read one bool (a synchronisation)."""
+    if _values_readable(ok):
+        if not bool(ok):
+            raise ValueError(message)
+    else:
+        torch._assert_async(ok, f"{name}: {message}")
+
+
+def _check_frame_tensor(name: str, x: Any, shapes: tuple[tuple[int, ...], ...], device: torch.device,
+                        *, integer: bool = False) -> torch.Tensor:
+    """A (B,) or (B, T) tensor of per-window or per-frame values on pred's device."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {_type_name(x)}")
+    if tuple(x.shape) not in shapes:
+        wanted = " or ".join(str(s) for s in shapes)
+        raise ValueError(f"{name} must have shape {wanted}, got {tuple(x.shape)}")
+    if x.is_complex():
+        raise TypeError(f"{name} must be a bool, integer or floating tensor, got {x.dtype}")
+    if integer and (x.is_floating_point() or x.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor (frames t < lengths[b] are valid), got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{name} must be on the device of pred ({device}), got {x.device}")
+    return x.detach()
+
+
+def _check_zero_one(name: str, x: torch.Tensor) -> None:
+    if x.dtype != torch.bool and x.numel():
+        _check_values(name, ((x == 0) | (x == 1)).all(), f"{name} must hold only 0 and 1")
+
+
+def check_sequence_inputs(
+    pred: Any,
+    target: Any,
+    raw: Any = None,
+    prev: Any = None,
+    prev_target: Any = None,
+    lengths: Any = None,
+    mask: Any = None,
+    continuity: Any = None,
+) -> SequenceInputs:
+    """Validate one call of the sequence loss (fused and reference alike).
+
+    ``pred``, ``target``, ``raw``: ``(B, T, C)``; ``prev``, ``prev_target``:
+    ``(B, C)``; ``lengths`` ``(B,)`` integer in [0, T] or ``mask`` ``(B, T)``
+    of 0/1 (not both); ``continuity``: None, a bool, or a 0/1 tensor of shape
+    ``(B,)`` or ``(B, T)``. Mixed floating dtypes are promoted as for the row
+    loss (differentiable casts); ``prev`` and ``prev_target`` are detached.
+    ``continuity=False`` means no window continues its previous one: it drops
+    ``prev`` and ``prev_target`` (frame 0 then has no pair)."""
+    _check_tensor("pred", pred)
+    shape, device = pred.shape, pred.device
+    if len(shape) != 3:
+        raise ValueError(f"pred must have 3 dimensions (B, T, C), got shape {tuple(shape)}")
+    batch, frames, cols = shape
+    if cols == 0:
+        raise ValueError(f"pred must have at least one column (C >= 1), got shape {tuple(shape)}")
+    _check_like_pred("target", target, shape, device)
+    if raw is not None:
+        _check_like_pred("raw", raw, shape, device)
+    if prev_target is not None and prev is None:
+        raise ValueError("prev_target was given without prev: the velocity term's frame 0 needs both")
+    if prev is not None:
+        _check_like_pred("prev", prev, torch.Size((batch, cols)), device)
+    if prev_target is not None:
+        _check_like_pred("prev_target", prev_target, torch.Size((batch, cols)), device)
+
+    if lengths is not None and mask is not None:
+        raise ValueError("give lengths or mask, not both: each says which frames are valid")
+    if lengths is not None:
+        lengths = _check_frame_tensor("lengths", lengths, ((batch,),), device, integer=True)
+        if batch:
+            _check_values("lengths", ((lengths >= 0) & (lengths <= frames)).all(),
+                          f"lengths must be in [0, T] = [0, {frames}]")
+    if mask is not None:
+        mask = _check_frame_tensor("mask", mask, ((batch, frames),), device)
+        _check_zero_one("mask", mask)
+
+    if isinstance(continuity, np.bool_):
+        continuity = bool(continuity)
+    if continuity is None or continuity is True:
+        continuity = None
+    elif continuity is False:
+        prev = prev_target = None
+        continuity = None
+    elif isinstance(continuity, torch.Tensor):
+        continuity = _check_frame_tensor("continuity", continuity, ((batch,), (batch, frames)), device)
+        _check_zero_one("continuity", continuity)
+    else:
+        raise TypeError(
+            f"continuity must be None, a bool, or a tensor of shape ({batch},) or ({batch}, {frames}), "
+            f"got {_type_name(continuity)}"
+        )
+
+    dtype = pred.dtype
+    others = (target, raw, prev, prev_target)
+    if any(x is not None and x.dtype != dtype for x in others):
+        for x in others:
+            if x is not None:
+                dtype = torch.promote_types(dtype, x.dtype)
+        pred, target, raw, prev, prev_target = (None if x is None else x.to(dtype)
+                                                for x in (pred, target, raw, prev, prev_target))
+    prev = None if prev is None else prev.detach()
+    prev_target = None if prev_target is None else prev_target.detach()
+    return SequenceInputs(pred, target, raw, prev, prev_target, lengths, mask, continuity)
+
+
+def check_reduction(reduction: Any) -> int:
+    """``"mean"``, ``"sum"`` or ``"none"``, as the operator's code."""
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
+    return REDUCTIONS[reduction]
+
+
+def check_counts(counts: Any, reduction: str, device: torch.device) -> Optional[torch.Tensor]:
+    """``counts=``: six non-negative numbers (a sequence or a tensor of any
+    real dtype), only with ``reduction="mean"``; as a (6,) float64 tensor on
+    ``device`` (None when not given)."""
+    if counts is None:
+        return None
+    if reduction != "mean":
+        raise ValueError(f"counts is only used with reduction='mean' (the divisors of the means), "
+                         f"got reduction={reduction!r}")
+    if isinstance(counts, torch.Tensor):
+        if counts.is_complex() or counts.dtype == torch.bool:
+            raise TypeError(f"counts must be a real tensor, got {counts.dtype}")
+        if counts.device != device and not counts.is_cpu:
+            raise ValueError(f"counts must be on the CPU or on the device of pred ({device}), got {counts.device}")
+        values = counts.detach()
+    else:
+        if isinstance(counts, (str, bytes)):
+            raise TypeError(f"counts must be six numbers, got {type(counts).__name__}")
+        try:
+            items = list(counts)
+        except TypeError:
+            raise TypeError(f"counts must be six numbers or a (6,) tensor, got {_type_name(counts)}") from None
+        for x in items:
+            if isinstance(x, bool) or not isinstance(x, numbers.Real):
+                raise TypeError(f"counts must contain real numbers, got {_type_name(x)} {x!r}")
+        values = torch.tensor([float(x) for x in items], dtype=torch.float64)
+    if values.shape != (6,):
+        raise ValueError(f"counts must hold six numbers (one per term, in SEQUENCE_TERM_NAMES order), "
+                         f"got shape {tuple(values.shape)}")
+    values = values.to(device=device, dtype=torch.float64, non_blocking=True)
+    _check_values("counts", ((values >= 0) & ~values.isnan()).all() & values.isfinite().all(),
+                  "counts must be finite and >= 0")
+    return values

@@ -265,6 +265,10 @@ def _compile_step(case: Case, x: Inputs) -> Step:
     first call (forward and, in fwdbwd, backward), which is timed as setup."""
     import torch._inductor.config as inductor_config
 
+    from ._loader import import_cpp_extension
+
+    import_cpp_extension()  # inductor imports it: without its CPU-only "No CUDA runtime" warning
+
     # Compile in this process: a pool of compile-worker processes would warm
     # up (import torch, ~seconds of CPU each) while the other providers are
     # being timed, on a machine with only a few cores.
@@ -488,9 +492,11 @@ def measure_case(
     progress: Optional[Callable[[str], None]] = None,
     wait_idle: float = 0.0,
     max_other_load: float = 25.0,
+    step_factory: Optional[Callable[[str], Step]] = None,
 ) -> CaseResult:
     """Set up, warm up, calibrate and time every provider of one case in
-    interleaved rounds. A provider that fails to set up (e.g. no kernel for
+    interleaved rounds (``step_factory(provider)`` makes the steps of cases
+    other than :class:`Case`, e.g. :class:`SequenceCase`). A provider that fails to set up (e.g. no kernel for
     the device) is reported with its error instead of times.
 
     With ``wait_idle`` > 0, each round first waits (up to that many seconds)
@@ -500,7 +506,7 @@ def measure_case(
     tick = progress or (lambda what: None)
     if case.device == "cpu":
         torch.set_num_threads(case.threads)
-    inputs = make_inputs(case)
+    inputs = make_inputs(case) if step_factory is None else None
     steps: dict[str, Step] = {}
     out: dict[str, Measurement] = {}
     iters: dict[str, int] = {}
@@ -513,7 +519,7 @@ def measure_case(
         for p in providers:
             tick(f"{case.label()} setup {p}")
             try:
-                step = make_step(case, p, inputs)
+                step = make_step(case, p, inputs) if step_factory is None else step_factory(p)
                 gc.disable()
                 iters[p] = calibrate(step, case.device, min_time)
             except Exception as exc:  # reported, not fatal: other providers still run
@@ -857,6 +863,152 @@ def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
 # ------------------------------------------------------------------------------ CLI
 
 
+# ------------------------------------------------------------------------- sequences
+
+#: The sequence cases of issue 16: (B, T) windows of C = 52 frames, float32,
+#: forward + backward with pred and raw requiring grad, lengths given,
+#: velocity on, prev and prev_target given.
+SEQUENCE_SHAPES: tuple[tuple[int, int], ...] = ((8, 256), (128, 128), (64, 1024))
+#: ``fused``: the fused sequence loss; ``eager``: the plain-PyTorch reference;
+#: ``compile``: torch.compile of it; ``copy``: ``dst.copy_(src)`` moving the
+#: bytes the step must move (read pred, target, raw; write two gradients);
+#: ``shifted_rows``: today's workaround, the row loss on (B*T, C) rows with
+#: an explicitly shifted copy of pred as ``prev`` (no padding, no velocity).
+SEQUENCE_PROVIDERS: tuple[str, ...] = ("fused", "eager", "compile", "copy", "shifted_rows")
+SEQUENCE_VELOCITY_WEIGHT = 0.5
+#: Goals (issue 16), per shape: (numerator, denominator, goal, "min" or "max").
+SEQUENCE_GOALS = {
+    (8, 256): [("eager", "fused", 10.0, "min"), ("compile", "fused", 4.0, "min")],
+    (128, 128): [("eager", "fused", 10.0, "min"), ("compile", "fused", 4.0, "min")],
+    (64, 1024): [("fused", "copy", 1.15, "max"), ("shifted_rows", "fused", 1.3, "min")],
+}
+
+
+@dataclass(frozen=True)
+class SequenceCase:
+    batch: int
+    frames: int
+    threads: int = 2
+    cols: int = COLS
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def label(self) -> str:
+        return f"{self.device} {self.dtype} fwdbwd t{self.threads} B={self.batch} T={self.frames}"
+
+    @property
+    def copy_numel(self) -> int:
+        """Elements of a copy that reads and writes 5 * B * T * C elements in all."""
+        return 5 * self.batch * self.frames * self.cols // 2
+
+
+def _sequence_functions():
+    """(fused, eager) callables (pred, target, raw, prev, prev_target, lengths) -> total."""
+    import koemorph_fused as kf
+    from . import reference
+
+    def call(loss):
+        def fn(pred, target, raw, prev, prev_target, lengths):
+            return loss(pred, target, raw, prev=prev, prev_target=prev_target, lengths=lengths,
+                        velocity_weight=SEQUENCE_VELOCITY_WEIGHT).total
+        return fn
+
+    return call(kf.sequence_loss), call(reference.sequence_loss)
+
+
+def sequence_step_factory(case: SequenceCase, seed: int = 0) -> Callable[[str], Step]:
+    """``provider -> Step`` for one sequence case, all on the same inputs."""
+    import koemorph_fused as kf
+
+    g = torch.Generator().manual_seed(seed)
+    shape = (case.batch, case.frames, case.cols)
+    pred, target, raw = (torch.rand(shape, generator=g) for _ in range(3))
+    prev, prev_target = (torch.rand(case.batch, case.cols, generator=g) for _ in range(2))
+    lengths = torch.randint(case.frames // 2, case.frames + 1, (case.batch,), generator=g)
+    lengths[0] = case.frames
+    pred.requires_grad_()
+    raw.requires_grad_()
+    args = (pred, target, raw, prev, prev_target, lengths)
+    fused, eager = _sequence_functions()
+
+    def loss_step(name: str, fn: Callable[..., torch.Tensor], setup_s: Optional[float] = None) -> Step:
+        def step() -> None:
+            pred.grad = None
+            raw.grad = None
+            fn(*args).backward()
+        return Step(name, step, grad_enabled=True, setup_s=setup_s, keep=list(args))
+
+    def make(provider: str) -> Step:
+        if provider == "fused":
+            return loss_step("fused", fused)
+        if provider == "eager":
+            return loss_step("eager", eager)
+        if provider == "compile":
+            compiled = torch.compile(eager, dynamic=False)
+            t0 = time.perf_counter()
+            loss_step("compile", compiled).fn()
+            return loss_step("compile", compiled, setup_s=time.perf_counter() - t0)
+        if provider == "copy":
+            src = torch.rand(case.copy_numel)
+            dst = torch.empty_like(src)
+            return Step("copy", lambda: dst.copy_(src), grad_enabled=False, kind="baseline", keep=[src, dst])
+        if provider == "shifted_rows":
+            def shifted(pred, target, raw, prev, prev_target, lengths):
+                previous = torch.cat([prev.unsqueeze(1), pred.detach()[:, :-1]], dim=1)
+                rows = lambda x: x.reshape(-1, case.cols)  # noqa: E731
+                return kf.temporal_loss(rows(pred), rows(target), rows(previous), rows(raw)).total
+            step = loss_step("shifted_rows", shifted)
+            step.kind = "baseline"
+            return step
+        raise ValueError(f"unknown sequence provider {provider!r}; expected one of {SEQUENCE_PROVIDERS}")
+
+    return make
+
+
+def run_sequences(settings: dict[str, Any], progress: bool = True) -> list[dict[str, Any]]:
+    """Time the sequence cases (all providers in the same interleaved rounds);
+    one summary per case with its ratios and goals."""
+    threads_before = torch.get_num_threads()
+    summaries = []
+    try:
+        for batch, frames in SEQUENCE_SHAPES:
+            case = SequenceCase(batch, frames, threads=2)
+            tick = (lambda what: print(what, file=sys.stderr, flush=True)) if progress else None
+            res = measure_case(case, SEQUENCE_PROVIDERS, settings["min_time"], settings["rounds"], tick,
+                               wait_idle=settings.get("wait_idle", 0.0),
+                               max_other_load=settings.get("max_other_load", 25.0),
+                               step_factory=sequence_step_factory(case))
+            ms = res.measurements
+            row: dict[str, Any] = dict(batch=batch, frames=frames, threads=2, other_load_pct=res.other_load_pct)
+            for p, m in ms.items():
+                row[f"{p}_s"] = statistics.median(m.times) if m.times else None
+                if m.error:
+                    row[f"{p}_error"] = m.error
+            row["compile_time_s"] = ms["compile"].setup_s if "compile" in ms else None
+            row["goals"] = []
+            for num, den, goal, kind in SEQUENCE_GOALS[(batch, frames)]:
+                ratio, lo, hi = _ratio_stats(ms, num, den)
+                met = None if ratio is None else (ratio >= goal if kind == "min" else ratio <= goal)
+                row["goals"].append(dict(ratio=f"{num}/{den}", value=ratio, lo=lo, hi=hi, goal=goal, kind=kind,
+                                         met=met))
+            summaries.append(row)
+    finally:
+        torch.set_num_threads(threads_before)
+    return summaries
+
+
+def format_sequences(summaries: Sequence[dict[str, Any]]) -> str:
+    lines = ["B    T     " + "  ".join(f"{p:>12}" for p in SEQUENCE_PROVIDERS) + "  ratios (same rounds) vs goals"]
+    for r in summaries:
+        times = "  ".join(f"{_fmt_time(r.get(p + '_s')):>12}" for p in SEQUENCE_PROVIDERS)
+        goals = "; ".join(
+            f"{g['ratio']} {_fmt_ratio(g['value'], g['lo'], g['hi'])} ({'>=' if g['kind'] == 'min' else '<='} "
+            f"{g['goal']:g}: {'met' if g['met'] else 'NOT met' if g['met'] is not None else '-'})"
+            for g in r["goals"])
+        lines.append(f"{r['batch']:<4} {r['frames']:<5} {times}  {goals}")
+    return "\n".join(lines)
+
+
 #: Largest batch the command line accepts: 2**24 rows of 52 (fwdbwd keeps about
 #: ten such tensors alive: 35 GB in float32). The default list ends at 2**20.
 MAX_BATCH = 2**24
@@ -873,7 +1025,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the loss and total.backward(), with pred and raw requiring grad.\n"
         "Bytes (N = B*52 elements): fwd reads 4N; fwdbwd moves 10N (forward reads 4 inputs and\n"
         "writes 2 gradients, backward reads and writes the 2 gradients). GB/s = bytes / median.\n"
-        "The copy moves the same bytes, so %%copy = copy time / fused time.\n"
+        "The copy moves the same bytes, so %copy = copy time / fused time.\n"
         "Ratios (eager/fused, compile/fused, fused/floor) are of medians from the same run;\n"
         "[lo-hi] is the range of the per-round ratios. compile time is reported separately."
     )
@@ -904,6 +1056,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(do-nothing autograd.Function whose backward returns preallocated zero gradients), "
                         "floor_none (its backward returns None), floor_clone (returns the preallocated tensors "
                         f"themselves, so AccumulateGrad clones them) (default: {','.join(BASELINES)})")
+    g.add_argument("--sequence", action="store_true",
+                   help="the (B, T, 52) window cases instead: CPU, 2 threads, float32, fwdbwd, lengths and "
+                        "velocity on, (B, T) = " + ", ".join(f"({b}, {t})" for b, t in SEQUENCE_SHAPES)
+                        + "; providers " + ", ".join(SEQUENCE_PROVIDERS))
     g.add_argument("--quick", action="store_true",
                    help="a small subset for smoke tests: float32, B=4,1024, 1 thread, fused and eager, "
                         "3 rounds of >= 5 ms (explicit flags still override)")
@@ -1011,6 +1167,14 @@ def main(args: argparse.Namespace) -> int:
     settings = resolve_args(args)
     if settings["device"] == "cuda" and not torch.cuda.is_available():
         raise CommandLineError("--device cuda: no CUDA device is available")
+    if getattr(args, "sequence", False):
+        summaries = run_sequences(settings, progress=not args.no_progress)
+        print(f"# sequences: min_time {settings['min_time']} s, {settings['rounds']} rounds; medians over rounds, "
+              "[lo-hi] the per-round ratios")
+        print(format_sequences(summaries))
+        if args.json:
+            write_json(dict(machine=machine_info(), settings=settings, sequences=summaries), args.json)
+        return 0
     report = run(settings, progress=not args.no_progress)
     m = report["machine"]
     print(f"# {m.get('cpu_model', '?')}, {m.get('cpu_count')} CPUs, torch {m['torch']}, "

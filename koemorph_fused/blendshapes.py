@@ -19,8 +19,9 @@ only when someone writes the values into a row, and the common ones differ:
 ``"live_link_face"``
     The column order of the CSV files that Epic's Live Link Face app exports
     (``Timecode,BlendShapeCount,EyeBlinkLeft,...,TongueOut,HeadYaw,...``,
-    52 blend shapes followed by 9 head and eye rotations), which is also the
-    order of the values in its Live Link UDP packets. The regions come in the
+    52 blend shapes followed by 9 head and eye rotations); the values it
+    streams live (Live Link) come in the ``"arkit"`` order instead (see
+    docs/blendshapes.md). The regions come in the
     ARKit order, but two pairs are swapped: ``JawRight, JawLeft`` (columns
     15, 16) and ``MouthRight, MouthLeft`` (21, 22). The CSV spells the names
     in PascalCase (``EyeBlinkLeft``); names here match case-insensitively.
@@ -28,18 +29,34 @@ only when someone writes the values into a row, and the common ones differ:
     data in this order, so data converted with it is ``"live_link_face"``
     data even though the KoeMorph model names its columns in the ``"arkit"``
     order.
+``"live_link_face_61"``
+    All 61 data columns of a Live Link Face CSV: the 52 blend shapes of
+    ``"live_link_face"`` followed by the 9 head and eye rotations
+    (``headYaw, headPitch, headRoll, leftEyeYaw, leftEyePitch, leftEyeRoll,
+    rightEyeYaw, rightEyePitch, rightEyeRoll``), for models that predict them
+    too.
 ``"alphabetical"``
     ``sorted()`` of the names: what iterating over the sorted keys of ARKit's
     dictionary gives.
 
 A *layout* argument is one of these names, or the data's own column names
 (a sequence of strings, e.g. a CSV header without its ``Timecode`` and
-``BlendShapeCount`` columns), for data in any other order.
+``BlendShapeCount`` columns), for data in any other order. A layout names
+every column of the data, in order: the loss refuses a layout whose length
+differs from the data's ``C`` (saying both numbers, and saying so when the
+names look like a Live Link Face CSV header, whose ``Timecode`` and
+``BlendShapeCount`` are not data columns).
+
+:func:`read_live_link_face_csv` reads a Live Link Face CSV export into a
+``(T, 52)`` tensor (or ``(T, 61)``, or any layout's columns) and its
+timecodes; :func:`reorder` moves a tensor's columns from one layout to
+another.
 
 Names match case-insensitively, and ARKit's raw string values with an
 ``_L`` / ``_R`` suffix (``eyeBlink_L``) match the ``...Left`` / ``...Right``
 names. Patterns are :mod:`fnmatch` globs (``*``, ``?``, ``[abc]``) matched
-the same way.
+the same way; a pattern that is also the exact name of a column (a custom
+layout's ``jaw?`` or ``bs[0]``) selects that column only.
 
 The seed's perceptual groups are *positional*, not named: mouth = columns
 12..21 and expression = columns 0..9 whatever the data's order
@@ -62,12 +79,16 @@ the first ten eye columns.
 
 from __future__ import annotations
 
+import csv
 import difflib
 import fnmatch
 import numbers
+import os
 import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Optional, Union
+
+import torch
 
 from .terms import EXPRESSION_INDICES, MOUTH_INDICES
 
@@ -103,6 +124,19 @@ def _swap(order: tuple[str, ...], a: str, b: str) -> tuple[str, ...]:
 #: The Live Link Face CSV column order (camelCase here; the CSV writes ``EyeBlinkLeft``).
 LIVE_LINK_FACE: tuple[str, ...] = _swap(_swap(ARKIT, "jawLeft", "jawRight"), "mouthLeft", "mouthRight")
 
+#: The 9 head and eye rotations a Live Link Face CSV has after its 52 blend shapes (degrees).
+LIVE_LINK_FACE_ROTATIONS: tuple[str, ...] = (
+    "headYaw", "headPitch", "headRoll", "leftEyeYaw", "leftEyePitch", "leftEyeRoll", "rightEyeYaw",
+    "rightEyePitch", "rightEyeRoll",
+)
+
+#: All 61 data columns of a Live Link Face CSV: :data:`LIVE_LINK_FACE` and :data:`LIVE_LINK_FACE_ROTATIONS`.
+LIVE_LINK_FACE_61: tuple[str, ...] = LIVE_LINK_FACE + LIVE_LINK_FACE_ROTATIONS
+
+#: The header of a Live Link Face CSV export, as the app writes it (PascalCase).
+LIVE_LINK_FACE_CSV_HEADER: tuple[str, ...] = ("Timecode", "BlendShapeCount",
+                                              *(n[0].upper() + n[1:] for n in LIVE_LINK_FACE_61))
+
 #: The order of the original KoeMorph code's ``ARKIT_BLENDSHAPES`` (identical to :data:`ARKIT`).
 KOEMORPH: tuple[str, ...] = ARKIT
 
@@ -114,6 +148,7 @@ LAYOUTS: dict[str, tuple[str, ...]] = {
     "arkit": ARKIT,
     "koemorph": KOEMORPH,
     "live_link_face": LIVE_LINK_FACE,
+    "live_link_face_61": LIVE_LINK_FACE_61,
     "alphabetical": ALPHABETICAL,
 }
 
@@ -216,11 +251,13 @@ def _match(patterns: tuple[Any, ...], layout_arg: Any, argument: str) -> tuple[i
                             f"{pattern!r}")
         pat = _key(pattern)
         glob = _GLOB.search(pat) is not None
-        if glob:
+        if pat in index:  # an exact name wins, even one that looks like a glob ("jaw?", "bs[0]")
+            hits = [index[pat]]
+        elif glob:
             match = re.compile(fnmatch.translate(pat)).match
             hits = [i for k, i in index.items() if match(k)]
         else:
-            hits = [index[pat]] if pat in index else []
+            hits = []
         if not hits:
             what = "pattern" if glob else "name"
             raise ValueError(f"{argument}: {what} {pattern!r} matches no column of {where}"
@@ -337,7 +374,166 @@ def seed_default_names(layout: Layout) -> Groups:
     return Groups(names(MOUTH_INDICES, layout), names(EXPRESSION_INDICES, layout))
 
 
+# Keys of the Live Link Face CSV header's columns that are not blend shapes.
+_LIVE_LINK_FACE_EXTRAS = frozenset(_key(n) for n in ("Timecode", "BlendShapeCount", *LIVE_LINK_FACE_ROTATIONS))
+
+
+def check_width(layout: Optional[Layout], pred: Any, argument: str = "layout") -> None:
+    """A layout names every column of the data: raise if ``layout`` (when
+    given) has another number of names than ``pred``'s last dimension.
+
+    The message says both numbers and, when the layout holds names of a Live
+    Link Face CSV header that are not blend shapes (``Timecode``,
+    ``BlendShapeCount``, head and eye rotations) or a 52-name layout meets 61
+    columns, how to name a Live Link Face CSV's columns. ``pred`` that is not
+    a tensor with a last dimension is left for the loss's own checks.
+
+    >>> check_width("live_link_face_61", torch.zeros(2, 61))
+    """
+    shape = getattr(pred, "shape", None)
+    if layout is None or shape is None or len(shape) == 0:
+        return
+    where, columns, _ = _layout_names(layout)
+    cols = int(shape[-1])
+    if len(columns) == cols:
+        return
+    extras = [c for c in columns if _key(c) in _LIVE_LINK_FACE_EXTRAS]
+    hint = ""
+    if extras or (len(columns) == len(LIVE_LINK_FACE) and cols == len(LIVE_LINK_FACE_61)):
+        named = f" ({', '.join(extras[:3])}{', ...' if len(extras) > 3 else ''})" if extras else ""
+        hint = (f"; this looks like a Live Link Face CSV's columns{named}: its Timecode and BlendShapeCount "
+                "are not data columns, layout='live_link_face' names its 52 blend shapes and "
+                "layout='live_link_face_61' all 61 data columns (blend shapes, then head and eye rotations); "
+                "kf.blendshapes.read_live_link_face_csv reads such a file")
+    raise ValueError(f"{argument}: {where} names {len(columns)} columns, but the data has C = {cols} "
+                     f"(pred's last dimension); a layout names every column, in order{hint}")
+
+
+class LiveLinkFaceTake(NamedTuple):
+    """What :func:`read_live_link_face_csv` returns.
+
+    Attributes:
+        values: ``(T, C)`` tensor, the frames in the columns of ``names``.
+        timecodes: the ``Timecode`` cell of each frame, as the app wrote it
+            (``HH:MM:SS:FF.mmm``: hours, minutes, seconds, frame and the
+            fraction of a frame).
+        names: the column names of ``values`` (the layout's).
+    """
+
+    values: torch.Tensor
+    timecodes: tuple[str, ...]
+    names: tuple[str, ...]
+
+
+def read_live_link_face_csv(
+    path: Union[str, os.PathLike], layout: Layout = "live_link_face", *, dtype: torch.dtype = torch.float32
+) -> LiveLinkFaceTake:
+    """A Live Link Face CSV export as a tensor in the columns of ``layout``.
+
+    The app writes a header ``Timecode,BlendShapeCount,EyeBlinkLeft,...,
+    TongueOut,HeadYaw,...,RightEyeRoll`` (:data:`LIVE_LINK_FACE_CSV_HEADER`)
+    and one row per frame. Columns are found by name, so any layout works:
+    ``"live_link_face"`` (the default) gives the file's 52 blend shapes as
+    they are, ``"arkit"`` the same values in the ARKit order,
+    ``"live_link_face_61"`` the rotations too.
+
+    >>> take = read_live_link_face_csv(path, "arkit")  # doctest: +SKIP
+    >>> take.values.shape, take.timecodes[0]  # doctest: +SKIP
+    (torch.Size([812, 52]), '14:03:52:28.207')
+
+    Raises:
+        OSError: the file cannot be read (naming it).
+        ValueError: not a Live Link Face CSV (its first columns are not
+            ``Timecode,BlendShapeCount``), a column of the layout missing
+            from it, a row with another number of cells, a cell that is not
+            a number (naming the file, line and column).
+    """
+    name = os.fspath(path)
+    _, wanted, _ = _layout_names(layout)
+    try:
+        with open(name, newline="", encoding="utf-8-sig") as f:
+            lines = list(csv.reader(f))
+    except UnicodeDecodeError:
+        raise ValueError(f"{name}: not a Live Link Face CSV (not UTF-8 text)") from None
+    except OSError as e:
+        raise type(e)(e.errno, f"cannot read Live Link Face CSV {name!r}: {e.strerror}") from e
+    if not lines or [c.strip().casefold() for c in lines[0][:2]] != ["timecode", "blendshapecount"]:
+        got = ",".join(lines[0])[:60] if lines else "an empty file"
+        raise ValueError(f"{name}: not a Live Link Face CSV (expected a header starting with "
+                         f"Timecode,BlendShapeCount, got {got!r})")
+    header = [c.strip() for c in lines[0]]
+    try:
+        index = _index(header[2:])
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    missing = [n for n in wanted if _key(n) not in index]
+    if missing:
+        raise ValueError(f"{name}: no column for {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''} "
+                         f"of the layout ({len(missing)} of {len(wanted)} missing)")
+    picks = [2 + index[_key(n)] for n in wanted]
+    timecodes, rows = [], []
+    for number, cells in enumerate(lines[1:], start=2):
+        if not cells:
+            continue
+        if len(cells) != len(header):
+            raise ValueError(f"{name}:{number}: expected {len(header)} cells like the header, got {len(cells)}")
+        try:
+            rows.append([float(cells[i]) for i in picks])
+        except ValueError:
+            bad = next(i for i in picks if not _is_number(cells[i]))
+            raise ValueError(f"{name}:{number}: column {header[bad]}: {cells[bad]!r} is not a number") from None
+        timecodes.append(cells[0])
+    values = torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(wanted)).to(dtype)
+    return LiveLinkFaceTake(values, tuple(timecodes), tuple(wanted))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def permutation(source: Layout, target: Layout) -> tuple[int, ...]:
+    """For each column of ``target``, its column number in ``source``:
+    ``values[..., permutation(source, target)]`` is ``values`` in the
+    ``target`` order.
+
+    >>> permutation("arkit", "live_link_face")[14:18]
+    (14, 16, 15, 17)
+
+    Raises:
+        ValueError: a name of ``target`` that ``source`` does not have.
+    """
+    _, columns, _ = _layout_names(target)
+    where, _, index = _layout_names(source)
+    missing = [n for n in columns if _key(n) not in index]
+    if missing:
+        raise ValueError(f"target: {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''} not in "
+                         f"{where} ({len(missing)} names missing)")
+    return tuple(index[_key(n)] for n in columns)
+
+
+def reorder(values: torch.Tensor, source: Layout, target: Layout) -> torch.Tensor:
+    """``values`` (``(..., C)`` in the ``source`` layout) with its columns in
+    the ``target`` layout (a new tensor; differentiable). ``target`` may name
+    fewer columns (``"live_link_face_61"`` -> ``"arkit"`` drops the rotations).
+
+    >>> x = torch.arange(52.0)
+    >>> reorder(x, "live_link_face", "arkit")[14:18].tolist()
+    [14.0, 16.0, 15.0, 17.0]
+    """
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
+    check_width(source, values, argument="source")
+    index = torch.tensor(permutation(source, target), dtype=torch.long, device=values.device)
+    return values.index_select(-1, index)
+
+
 __all__ = [
-    "ALPHABETICAL", "ARKIT", "Groups", "KOEMORPH", "LAYOUTS", "LIVE_LINK_FACE", "PRESETS", "SEMANTIC_EXPRESSION",
-    "SEMANTIC_MOUTH", "indices", "layout", "names", "preset", "resolve", "seed_default_names",
+    "ALPHABETICAL", "ARKIT", "Groups", "KOEMORPH", "LAYOUTS", "LIVE_LINK_FACE", "LIVE_LINK_FACE_61",
+    "LIVE_LINK_FACE_CSV_HEADER", "LIVE_LINK_FACE_ROTATIONS", "LiveLinkFaceTake", "PRESETS", "SEMANTIC_EXPRESSION",
+    "SEMANTIC_MOUTH", "check_width", "indices", "layout", "names", "permutation", "preset",
+    "read_live_link_face_csv", "reorder", "resolve", "seed_default_names",
 ]

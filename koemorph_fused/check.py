@@ -1,5 +1,6 @@
 """``koemorph-fused check``: the fused loss against the plain-PyTorch reference,
-values and gradients, on every available device."""
+values and gradients, on every available device: rows (``temporal_loss``) and
+windows of frames (``sequence_loss``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from . import reference
 from .cli_args import CommandLineError
 from .functional import temporal_loss
+from .sequence import sequence_loss
 from .weights import LossWeights
 
 #: Tolerances per dtype: (rtol, atol) on terms and total, and on gradients.
@@ -33,10 +35,15 @@ class Case:
     with_prev: bool
     with_raw: bool
     mask: bool
+    #: 0: rows (B, C) through temporal_loss; else windows (B, frames, C)
+    #: through sequence_loss, with lengths for ``mask`` and prev_target with prev.
+    frames: int = 0
 
     def label(self) -> str:
-        parts = [self.device, str(self.dtype).replace("torch.", ""), f"{self.rows}x{self.cols}"]
-        parts += [name for name, on in (("prev", self.with_prev), ("raw", self.with_raw), ("mask", self.mask)) if on]
+        shape = f"{self.rows}x{self.frames}x{self.cols}" if self.frames else f"{self.rows}x{self.cols}"
+        mask = "lengths" if self.frames else "mask"
+        parts = [self.device, str(self.dtype).replace("torch.", ""), shape]
+        parts += [name for name, on in (("prev", self.with_prev), ("raw", self.with_raw), (mask, self.mask)) if on]
         return " ".join(parts)
 
 
@@ -53,6 +60,9 @@ def cases(devices: list[str], quick: bool = False) -> Iterator[Case]:
     flags = [(True, True, True), (False, False, False)] if quick else list(itertools.product([True, False], repeat=3))
     for device, dtype, (rows, cols), (p, r, m) in itertools.product(devices, dtypes, shapes, flags):
         yield Case(device, dtype, rows, cols, p, r, m and p)
+    windows = [(3, 5, 52), (64, 128, 52)] if quick else [(1, 1, 1), (3, 5, 52), (7, 33, 61), (64, 128, 52), (8, 1024, 52)]
+    for device, dtype, (rows, frames, cols), (p, r, m) in itertools.product(devices, dtypes, windows, flags):
+        yield Case(device, dtype, rows, cols, p, r, m, frames)
 
 
 def run_case(case: Case, seed: int = 0) -> tuple[float, float, bool]:
@@ -61,24 +71,42 @@ def run_case(case: Case, seed: int = 0) -> tuple[float, float, bool]:
     g = torch.Generator().manual_seed(seed)
     shape = (case.rows, case.cols)
 
-    def rand() -> torch.Tensor:
-        return torch.rand(shape, generator=g, dtype=torch.float64).to(case.dtype).to(case.device)
+    def rand(size: tuple[int, ...]) -> torch.Tensor:
+        return torch.rand(size, generator=g, dtype=torch.float64).to(case.dtype).to(case.device)
 
-    pred, target = rand(), rand()
-    prev = rand() if case.with_prev else None
-    raw = rand() if case.with_raw else None
-    mask = (torch.rand(case.rows, generator=g) > 0.3).to(case.device) if case.mask else None
     weights = LossWeights(mse=1.0, l1=0.1, perceptual=0.5, temporal=0.2, smoothing=0.1)
-    grad_out = torch.rand((), generator=g, dtype=torch.float64).item() + 0.5
-
     # The ARKit groups need C >= 22; narrower cases use a repeated and a negative index.
     groups = {} if case.cols >= 22 else {"mouth_indices": (0, case.cols - 1, -1), "expression_indices": ()}
+    if case.frames:
+        window = (case.rows, case.frames, case.cols)
+        pred, target = rand(window), rand(window)
+        prev, prev_target = (rand(shape), rand(shape)) if case.with_prev else (None, None)
+        raw = rand(window) if case.with_raw else None
+        frame_args = dict(prev=prev, prev_target=prev_target, velocity_weight=0.5, weights=weights, **groups)
+        if case.mask:
+            lengths = torch.randint(0, case.frames + 1, (case.rows,), generator=g)
+            frame_args.update(lengths=lengths.to(case.device), continuity=(lengths % 2).to(case.device))
+        functions = (sequence_loss, reference.sequence_loss)
+
+        def call(fn, p, t, r):
+            return fn(p, t, r, **frame_args)
+    else:
+        pred, target = rand(shape), rand(shape)
+        prev = rand(shape) if case.with_prev else None
+        raw = rand(shape) if case.with_raw else None
+        mask = (torch.rand(case.rows, generator=g) > 0.3).to(case.device) if case.mask else None
+        functions = (temporal_loss, reference.temporal_loss)
+
+        def call(fn, p, t, r):
+            return fn(p, t, prev, r, continuity=mask, weights=weights, **groups)
+    grad_out = torch.rand((), generator=g, dtype=torch.float64).item() + 0.5
+
     results = []
-    for fn in (temporal_loss, reference.temporal_loss):
+    for fn in functions:
         p = pred.clone().requires_grad_()
         t = target.clone().requires_grad_()
         r = raw.clone().requires_grad_() if raw is not None else None
-        out = fn(p, t, prev, r, continuity=mask, weights=weights, **groups)
+        out = call(fn, p, t, r)
         inputs = [x for x in (p, t, r) if x is not None]
         grads = torch.autograd.grad(out.total * grad_out, inputs)
         results.append((torch.cat([out.terms, out.total.reshape(1)]).double(), [x.double() for x in grads]))
@@ -102,6 +130,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where to check (default: every available device)")
     parser.add_argument("--quick", action="store_true", help="a few representative cases only")
     parser.add_argument("--verbose", "-v", action="store_true", help="print every case, not only failures")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -113,7 +142,7 @@ def main(args: argparse.Namespace) -> int:
     todo = list(cases(devices, quick=args.quick))
     failures = 0
     worst: dict[tuple[str, torch.dtype], tuple[float, float]] = {}
-    for case in tqdm(todo, desc="fused vs reference", unit="case", leave=False):
+    for case in tqdm(todo, desc="fused vs reference", unit="case", leave=False, disable=args.no_progress):
         err_v, err_g, ok = run_case(case)
         key = (case.device, case.dtype)
         prev_v, prev_g = worst.get(key, (0.0, 0.0))

@@ -12,21 +12,31 @@ The seed's ``configs/dual_stream_config.yaml`` has a top-level section::
 The original KoeMorph code keeps its configs the Hydra way: the loss section
 sits in ``training/default.yaml`` with a ``_target_:`` naming the loss class,
 and the main ``dual_stream_config.yaml`` only pulls it in through its
-``defaults:`` list (composed by Hydra into ``training.loss``). So
-:func:`load_loss_config` and :func:`load_loss_weights` look for the section in
-these places, in this order, and take the first they find:
+``defaults:`` list. A config is read as the user's training run reads it:
 
-* ``loss:``, ``training.loss:``, ``model.loss:`` of the file itself;
-* the same places in the config that the file's Hydra ``defaults:`` list
-  composes: each ``group: option`` entry reads ``<group>/<option>.yaml`` next
-  to the file into ``<group>`` (``group@package`` and a ``# @package`` header
-  move it, ``optional`` and ``override`` entries are followed, ``_self_``
-  decides whether the file's own values win, which they do when it is absent
-  or last, as in Hydra >= 1.1).
+* a file with a ``defaults:`` list is composed by Hydra itself
+  (``hydra.initialize_config_dir`` on the file's folder, then
+  ``hydra.compose``): entries, ``override``, ``optional``, ``_self_``,
+  ``@package`` and a leading ``/`` (the config folder, never the filesystem
+  root) mean what they mean to Hydra, and whatever Hydra rejects (a missing
+  entry, a config that includes itself) is a :class:`ConfigError`. This
+  needs ``hydra-core`` (``pip install 'koemorph_fused[config]'``);
+* a file without one is read by OmegaConf's loader (``2e-1`` is a float,
+  a duplicate key is an error) or, without ``omegaconf``, by PyYAML;
+* ``${...}`` interpolations in the loss section are resolved by OmegaConf.
 
-Inside the section, the five ``*_weight`` keys set the weights (a missing one
-keeps its default); ``mouth_indices``, ``expression_indices`` and ``layout``
-set the perceptual column groups, by column number or by name (see
+Before a file reaches a YAML loader it is checked cheaply (:data:`LIMITS`:
+size, node count with aliases expanded, nesting depth, recursive aliases), so
+that a malformed, huge, deep or recursive config ends in a one-line
+:class:`ConfigError` within a second rather than a hang or a RecursionError.
+
+:func:`load_loss_config` and :func:`load_loss_weights` then look for the loss
+section at ``loss:``, ``training.loss:`` and ``model.loss:`` of the composed
+config, in this order, and take the first they find. Inside it, the five
+``*_weight`` keys set the weights (a missing one keeps its default);
+``velocity_weight`` (>= 0, default 0) is the weight of the sequence loss's
+velocity term; ``mouth_indices``, ``expression_indices`` and ``layout`` set
+the perceptual column groups, by column number or by name (see
 :mod:`koemorph_fused.blendshapes`)::
 
     loss:
@@ -37,9 +47,7 @@ set the perceptual column groups, by column number or by name (see
       expression_indices: ["brow*", "eye*", "cheek*", "nose*"]
 
 Any other key is an error (the original KoeMorph loss's ``sparsity_weight``,
-``smoothness_weight``, ``landmark_weight`` and ``velocity_weight`` are other
-losses' terms: this loss has none of them). Values must be plain numbers: an
-OmegaConf interpolation (``${...}``) is an error that says so.
+``smoothness_weight`` and ``landmark_weight`` are other losses' terms).
 """
 
 from __future__ import annotations
@@ -52,14 +60,28 @@ from typing import Any, NamedTuple, Optional, Union
 from .blendshapes import Layout, resolve
 from .blendshapes import layout as layout_names
 from .terms import EXPRESSION_INDICES, MOUTH_INDICES
-from .weights import CONFIG_KEYS, LossWeights
+from .weights import CONFIG_KEYS, LossWeights, _check_weight
 
 #: Where the loss section is looked for, in this order (dotted paths).
 SEARCH_PATHS: tuple[str, ...] = ("loss", "training.loss", "model.loss")
 #: Keys of the loss section that set the perceptual column groups.
 GROUP_KEYS: tuple[str, ...] = ("mouth_indices", "expression_indices", "layout")
+#: The key of the sequence loss's velocity weight (carried in :attr:`LossConfig.velocity_weight`).
+VELOCITY_KEY = "velocity_weight"
+#: What a config file may be before a YAML loader sees it: bytes per file, YAML
+#: nodes per file (aliases counted as often as they are used), nesting depth
+#: (through aliases), YAML files under the folder of a config with a
+#: ``defaults:`` list, and directory entries looked at there.
+LIMITS: dict[str, int] = {"bytes": 64 * 1024, "nodes": 10_000, "depth": 64, "files": 500, "entries": 10_000}
 _HYDRA_KEY = re.compile(r"^_[A-Za-z0-9]+_$")  # _target_, _partial_, _recursive_, _convert_, _args_
-_MAX_DEPTH = 16
+# An alias (*name) where YAML allows one: files without any skip the full check.
+_ALIAS = re.compile(r"(?:^|[\s\[{,:?-])\*[^\s,\[\]{}]")
+# Quoted strings and comments, whose brackets do not nest anything.
+_NOT_FLOW = re.compile(r'"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\n]|\'\')*\'|(?:^|(?<=\s))#[^\n]*', re.M)
+_FLOW = re.compile(r"[\[\]{}]")
+# The indentation of a line, "- " entries included: block nesting needs at least one column per level.
+_INDENT = re.compile(r"^[ \t-]*", re.M)
+_INSTALL = "pip install 'koemorph_fused[config]' (or: pip install 'hydra-core>=1.3,<1.4')"
 
 
 class ConfigError(ValueError):
@@ -77,6 +99,9 @@ class LossConfig(NamedTuple):
         layout: the config's ``layout:`` value, or None.
         section: where the section was found, e.g. ``"training.loss"``.
         files: the files read, the given one first.
+        velocity_weight: the ``velocity_weight`` key (0.0 when absent): the
+            weight of the sequence loss's velocity term, for
+            ``FusedKoeMorphSequenceLoss(velocity_weight=...)``.
     """
 
     weights: LossWeights
@@ -85,6 +110,7 @@ class LossConfig(NamedTuple):
     layout: Optional[Layout]
     section: str
     files: tuple[str, ...]
+    velocity_weight: float = 0.0
 
     def module_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`~koemorph_fused.FusedKoeMorphLoss` (or the reference module)."""
@@ -96,131 +122,233 @@ class LossConfig(NamedTuple):
         return {"weights": self.weights, "mouth_indices": self.mouth_indices,
                 "expression_indices": self.expression_indices}
 
+    def sequence_module_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`~koemorph_fused.FusedKoeMorphSequenceLoss`
+        (or the reference module): :meth:`module_kwargs` and ``velocity_weight``."""
+        return {**self.module_kwargs(), VELOCITY_KEY: self.velocity_weight}
 
-def _read_yaml(name: str) -> Any:
-    import yaml
+    def sequence_loss_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`~koemorph_fused.sequence_loss` (or the
+        reference): :meth:`loss_kwargs` and ``velocity_weight``."""
+        return {**self.loss_kwargs(), VELOCITY_KEY: self.velocity_weight}
 
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _read_text(name: str) -> str:
+    """The file's text: at most LIMITS["bytes"], UTF-8 (errors name the file)."""
     try:
         with open(name, "rb") as f:
-            data = f.read()
+            data = f.read(LIMITS["bytes"] + 1)
     except OSError as e:
         raise type(e)(e.errno, f"cannot read loss config {name!r}: {e.strerror}") from e
+    if len(data) > LIMITS["bytes"]:
+        raise ConfigError(f"{name}: larger than {LIMITS['bytes'] // 1024} KiB; a training config is far smaller "
+                          "(is this the right file?)")
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{name}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
                           "save the config as UTF-8") from None
+
+
+def _flow_depth(name: str, text: str) -> None:
+    """Refuse deeply nested ``[[[...`` / ``{{{...`` before PyYAML's scanner,
+    which looks ahead through every open bracket (seconds for a few thousand)."""
+    depth = 0
+    for m in _FLOW.finditer(_NOT_FLOW.sub("", text)):
+        depth = depth + 1 if m.group() in "[{" else max(depth - 1, 0)
+        if depth > LIMITS["depth"]:
+            line = text.count("\n", 0, m.start()) + 1 if "\n" in text else 1
+            raise ConfigError(f"{name}:{line}: nested more than {LIMITS['depth']} levels deep")
+
+
+def _check_structure(name: str, text: str, *, strict: bool = True) -> tuple[Optional[str], bool]:
+    """Walk the YAML event stream (no recursion, no objects built) and check
+    :data:`LIMITS`, recursive and undefined aliases and duplicate keys.
+
+    Returns (kind of the root node: "mapping", "sequence", "scalar" or None
+    for an empty file, whether a top-level ``defaults`` key is present).
+    With ``strict`` False, a syntax error is left for the loader that reads
+    the file to report (Hydra names it), and so is a duplicate key."""
+    import yaml
+
+    _flow_depth(name, text)
+    # Per open collection: [anchor, expanded nodes before it, deepest child depth, keys seen, is mapping, child #]
+    stack: list[list[Any]] = []
+    anchors: dict[str, tuple[int, int]] = {}  # anchor -> (expanded nodes, depth) of its finished node
+    open_anchors: set[str] = set()
+    nodes = 0
+    root: Optional[str] = None
+    has_defaults = False
+
+    def add(size: int, depth: int, key: Optional[str], line: int) -> None:
+        nonlocal nodes, has_defaults
+        nodes += size
+        if nodes > LIMITS["nodes"]:
+            raise ConfigError(f"{name}: more than {LIMITS['nodes']} YAML nodes (aliases counted each time they "
+                              "are used); a training config is far smaller")
+        if len(stack) + depth > LIMITS["depth"]:
+            raise ConfigError(f"{name}:{line}: nested more than {LIMITS['depth']} levels deep")
+        if stack:
+            parent = stack[-1]
+            parent[2] = max(parent[2], depth + 1)
+            if parent[4] and parent[5] % 2 == 0 and key is not None:  # a mapping key
+                if key in parent[3] and strict:
+                    raise ConfigError(f"{name}:{line}: duplicate key {key!r}")
+                parent[3].add(key)
+                if len(stack) == 1 and key == "defaults":
+                    has_defaults = True
+            parent[5] += 1
+
     try:
-        return yaml.safe_load(text), text
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            line = event.start_mark.line + 1 if event.start_mark is not None else 0
+            if isinstance(event, yaml.AliasEvent):
+                if event.anchor in open_anchors:
+                    raise ConfigError(f"{name}:{line}: the alias *{event.anchor} refers to a node that contains it "
+                                      "(a recursive alias)")
+                if event.anchor not in anchors:
+                    raise ConfigError(f"{name}:{line}: the alias *{event.anchor} has no anchor &{event.anchor} "
+                                      "before it")
+                size, depth = anchors[event.anchor]
+                add(size, depth, None, line)
+            elif isinstance(event, yaml.ScalarEvent):
+                if not stack:
+                    root = "scalar"
+                add(1, 0, event.value, line)
+                if event.anchor is not None:
+                    anchors[event.anchor] = (1, 0)
+            elif isinstance(event, yaml.CollectionStartEvent):
+                if not stack:
+                    root = "mapping" if isinstance(event, yaml.MappingStartEvent) else "sequence"
+                if len(stack) + 1 > LIMITS["depth"]:
+                    raise ConfigError(f"{name}:{line}: nested more than {LIMITS['depth']} levels deep")
+                stack.append([event.anchor, nodes, 0, set(), isinstance(event, yaml.MappingStartEvent), 0])
+                if event.anchor is not None:
+                    open_anchors.add(event.anchor)
+            elif isinstance(event, yaml.CollectionEndEvent):
+                anchor, before, depth, _, _, _ = stack.pop()
+                size = nodes - before + 1
+                nodes = before
+                add(size, depth, None, line)
+                if anchor is not None:
+                    open_anchors.discard(anchor)
+                    anchors[anchor] = (size, depth)
+            elif isinstance(event, yaml.DocumentStartEvent) and root is not None:
+                raise ConfigError(f"{name}:{line}: more than one YAML document (a second '---'); "
+                                  "a config is one document")
+    except yaml.MarkedYAMLError as e:
+        if not strict:
+            return root, has_defaults
+        mark = e.problem_mark or e.context_mark
+        where = f"{name}:{mark.line + 1}" if mark is not None else name
+        raise ConfigError(f"{where}: not valid YAML: {e.problem or e.context}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{name}: not valid YAML: {e}") from e
+        if not strict:
+            return root, has_defaults
+        raise ConfigError(f"{name}: not valid YAML: {_first_line(e)}") from None
+    return root, has_defaults
 
 
-def _package_header(text: str) -> Optional[str]:
-    """The ``# @package X`` directive of a Hydra config file (in its leading comments), or None."""
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        if not line.startswith("#"):
-            break
-        m = re.match(r"#\s*@package\s+(\S+)", line)
-        if m:
-            return m.group(1)
-    return None
-
-
-def _merge(into: dict, other: Mapping) -> None:
-    """Deep merge: ``other``'s values win; mappings merge key by key."""
-    for key, value in other.items():
-        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = _copy(value)
-
-
-def _copy(value: Any) -> Any:
-    return {k: _copy(v) for k, v in value.items()} if isinstance(value, Mapping) else value
-
-
-def _place(config: dict, package: str, content: Mapping) -> None:
-    """Merge ``content`` into ``config`` at the dotted ``package`` ('' = the root)."""
-    node = config
-    for part in [p for p in package.split(".") if p]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    _merge(node, content)
-
-
-def _defaults_entries(defaults: Any) -> list[tuple[str, str]]:
-    """(group path, option) of each group default, '_self_' as ('_self_', ''), in order;
-    ``override`` entries replace an earlier entry of the same group."""
-    entries: list[tuple[str, str, str]] = []  # (key incl. @package, option, group)
-    if not isinstance(defaults, list):
-        return []
-    for item in defaults:
-        if item == "_self_":
-            entries.append(("_self_", "", ""))
-        elif isinstance(item, str):  # "group/name" or "name": a config, not a group default
-            group, _, option = item.rpartition("/")
-            entries.append((group, option, group))
-        elif isinstance(item, Mapping) and len(item) == 1:
-            (key, option), = item.items()
-            if not isinstance(key, str) or not isinstance(option, str):  # null / a list of options
+def _check_folder(root: str, primary: str) -> None:
+    """Check every YAML file Hydra could read from the config folder ``root``
+    (bounded: :data:`LIMITS` ``files`` and ``entries``), before Hydra reads any."""
+    entries = files = 0
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        try:
+            listing = list(os.scandir(folder))
+        except OSError:
+            continue  # Hydra cannot read it either
+        for entry in listing:
+            entries += 1
+            if entries > LIMITS["entries"]:
+                raise ConfigError(f"{primary}: its folder {root} holds more than {LIMITS['entries']} files and "
+                                  "folders; Hydra composes from the config's folder: keep the configs in a "
+                                  "folder of their own")
+            if entry.name.startswith("."):
                 continue
-            override = key.startswith("override ")
-            key = key.split()[-1]  # drop "optional" / "override"
-            group = key.split("@")[0]
-            replaced = False
-            if override:
-                for i, (_, _, g) in enumerate(entries):
-                    if g.lstrip("/") == group.lstrip("/"):
-                        entries[i] = (key, option, group)
-                        replaced = True
-            if not replaced:
-                entries.append((key, option, group))
-    return [(key, option) for key, option, _ in entries]
+            if entry.is_dir(follow_symlinks=False):
+                folders.append(entry.path)
+            elif entry.name.endswith(".yaml") and entry.path != primary:
+                files += 1
+                if files > LIMITS["files"]:
+                    raise ConfigError(f"{primary}: its folder {root} holds more than {LIMITS['files']} YAML "
+                                      "files; keep the configs in a folder of their own")
+                text = _read_text(entry.path)
+                if _ALIAS.search(text) or max(map(len, _INDENT.findall(text)), default=0) > LIMITS["depth"]:
+                    _check_structure(entry.path, text, strict=False)
+                else:
+                    _flow_depth(entry.path, text)
 
 
-def _compose(name: str, config: dict, depth: int, files: list[str], missing: list[str]) -> dict:
-    """The config Hydra would compose from ``name`` (see the module docstring)."""
-    entries = _defaults_entries(config.get("defaults"))
-    own = {k: v for k, v in config.items() if k != "defaults"}
-    if not entries or depth >= _MAX_DEPTH:
-        return _copy(own)
-    if ("_self_", "") not in entries:
-        entries.append(("_self_", ""))
-    directory = os.path.dirname(os.path.abspath(name))
-    composed: dict = {}
-    for key, option in entries:
-        if key == "_self_":
-            _merge(composed, own)
-            continue
-        group, _, package = key.partition("@")
-        group = group.strip("/")
-        path = os.path.join(directory, *group.split("/"), option + ".yaml") if group else \
-            os.path.join(directory, option + ".yaml")
-        if not os.path.isfile(path):
-            missing.append(path)
-            continue
-        sub, sub_text = _read_yaml(path)
-        files.append(path)
-        if sub is None:
-            continue
-        if not isinstance(sub, Mapping):
-            raise ConfigError(f"{path}: expected a YAML mapping (pulled in by the defaults of {name}), "
-                              f"got {type(sub).__name__}")
-        sub = _compose(path, dict(sub), depth + 1, files, missing)
-        header = _package_header(sub_text)
-        if package:
-            target = package
-        elif header is not None and header != "_group_":
-            target = "" if header == "_global_" else header
-        else:
-            target = group.replace("/", ".")
-        _place(composed, "" if target == "_global_" else target, sub)
-    return composed
+def _load_file(name: str) -> tuple[Any, tuple[str, ...]]:
+    """(the composed config, the files read) of a config file."""
+    text = _read_text(name)
+    root, has_defaults = _check_structure(name, text)
+    if root != "mapping":
+        got = "an empty file" if root is None else f"a YAML {root}"
+        raise ConfigError(f"{name}: expected a YAML mapping with a loss section, got {got}")
+    if has_defaults:
+        return _compose_with_hydra(name)
+    try:
+        from omegaconf import OmegaConf
+    except ImportError:
+        import yaml
+
+        return yaml.safe_load(text), (name,)
+    try:
+        return OmegaConf.create(text), (name,)
+    except Exception as e:  # the checks above leave little: a tag OmegaConf does not take, ...
+        raise ConfigError(f"{name}: OmegaConf cannot read it: {_first_line(e)}") from None
+
+
+def _compose_with_hydra(name: str) -> tuple[Any, tuple[str, ...]]:
+    """Compose ``name`` as Hydra does: ``initialize_config_dir`` on its folder, then ``compose``."""
+    try:
+        from hydra import compose, initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+        from hydra.initialize import get_gh_backup, restore_gh_from_backup
+        from hydra.types import RunMode
+    except ImportError:
+        raise ConfigError(f"{name}: has a Hydra defaults: list; composing it needs hydra-core: {_INSTALL}") from None
+    path = os.path.abspath(name)
+    root, base = os.path.split(path)
+    config_name, ext = os.path.splitext(base)
+    if ext != ".yaml":
+        raise ConfigError(f"{name}: has a Hydra defaults: list, but Hydra composes only .yaml files; "
+                          f"rename it to {config_name}.yaml")
+    _check_folder(root, path)
+    # Inside a running Hydra app (@hydra.main) Hydra is already initialized:
+    # set its state aside for this composition and put it back afterwards.
+    backup = get_gh_backup()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=root, version_base="1.3", job_name="koemorph_fused"):
+            cfg = compose(config_name=config_name)
+            defaults = GlobalHydra.instance().config_loader().compute_defaults_list(
+                config_name=config_name, overrides=[], run_mode=RunMode.RUN)
+    except RecursionError:
+        raise ConfigError(f"{name}: Hydra cannot compose it: maximum recursion depth exceeded (its defaults lists "
+                          "include a config from itself, directly or through others, e.g. 'defaults: [a, a]' in "
+                          "a.yaml)") from None
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"{name}: Hydra cannot compose it: {_first_line(e)}") from None
+    finally:
+        restore_gh_from_backup(backup)
+    files = [path]
+    for d in defaults.defaults:  # the configs Hydra read, in order; its own (hydra/...) come from its package
+        file = os.path.normpath(os.path.join(root, d.config_path + ".yaml")) if d.config_path else None
+        if file is not None and file not in files and os.path.isfile(file):
+            files.append(file)
+    return cfg, tuple(files)
 
 
 _ABSENT = object()
@@ -235,10 +363,18 @@ def _lookup(config: Mapping, dotted: str) -> Any:
     return node
 
 
-def _check_plain(where: str, key: str, value: Any) -> None:
-    if isinstance(value, str) and "${" in value:
-        raise ConfigError(f"{where}.{key}: {value!r} is an OmegaConf interpolation; write the value itself "
-                          "(or pass the resolved config: OmegaConf.to_container(cfg, resolve=True))")
+def _plain(where: str, value: Any) -> Any:
+    """An OmegaConf node as plain Python, its ``${...}`` resolved (errors name ``where``)."""
+    try:
+        from omegaconf import Container, OmegaConf
+    except ImportError:
+        return value
+    if not isinstance(value, Container):
+        return value
+    try:
+        return OmegaConf.to_container(value, resolve=True, throw_on_missing=True)
+    except Exception as e:
+        raise ConfigError(f"{where}: {_first_line(e)}") from None
 
 
 def _indices_value(where: str, key: str, value: Any) -> Any:
@@ -255,6 +391,14 @@ def _indices_value(where: str, key: str, value: Any) -> Any:
     return tuple(value)
 
 
+def _weight_type_error(where: str, key: str, value: Any, e: TypeError) -> TypeError:
+    hint = ""
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+        hint = (f" (PyYAML reads {value!r} as text; with omegaconf installed it is a number, as in Hydra: "
+                f"{_INSTALL})")
+    return TypeError(f"{where}.{key}: {e}{hint}")
+
+
 def load_loss_config(
     path: Union[str, os.PathLike, Mapping[str, Any]], section: Optional[str] = None
 ) -> LossConfig:
@@ -268,66 +412,68 @@ def load_loss_config(
 
     Raises:
         FileNotFoundError / OSError: the file cannot be opened (naming it).
-        ConfigError (a ValueError): not UTF-8, not YAML, not a mapping, no loss
-            section (the message lists every place it looked), a section that
-            is not a mapping, an unknown key, a negative / NaN / infinite
-            weight, an unknown blend-shape name or layout.
+        ConfigError (a ValueError): not UTF-8, not YAML, over :data:`LIMITS`,
+            a duplicate key, not a mapping, a ``defaults:`` list Hydra cannot
+            compose (or no hydra-core to compose it), an interpolation that
+            does not resolve, no loss section (the message lists every place
+            it looked), a section that is not a mapping, an unknown key, a
+            negative / NaN / infinite weight, an unknown blend-shape name or
+            layout. Every message is one line that starts with the file.
         TypeError: a weight that is not a number, a group that is not a list
             of column numbers or names (naming the key and file).
     """
-    files: list[str] = []
-    missing: list[str] = []
-    if isinstance(path, Mapping):
-        name = "config"
-        composed = _copy(path)
-    elif isinstance(path, (str, os.PathLike)):
-        name = os.fspath(path)
-        config, _ = _read_yaml(name)
-        files.append(name)
-        if not isinstance(config, Mapping):
-            raise ConfigError(f"{name}: expected a YAML mapping with a loss section, got {type(config).__name__}")
-        composed = _compose(name, dict(config), 0, files, missing)
-    else:
-        raise TypeError(f"path must be a str, os.PathLike or a mapping, got {type(path).__name__}")
     if section is not None and not isinstance(section, str):
         raise TypeError(f"section must be a str (a dotted path) or None, got {type(section).__name__}")
+    if isinstance(path, Mapping):
+        name, composed, files = "config", path, ()
+    elif isinstance(path, (str, os.PathLike)):
+        name = os.fspath(path)
+        composed, files = _load_file(name)
+    else:
+        raise TypeError(f"path must be a str, os.PathLike or a mapping, got {type(path).__name__}")
 
     places = SEARCH_PATHS if section is None else (section,)
-    found = next(((p, v) for p in places if (v := _lookup(composed, p)) is not _ABSENT), None)
+    try:
+        found = next(((p, v) for p in places if (v := _lookup(composed, p)) is not _ABSENT), None)
+    except ConfigError:
+        raise
+    except Exception as e:  # an interpolation on the way (loss: ${...}) that does not resolve
+        raise ConfigError(f"{name}: {_first_line(e)}") from None
     if found is None:
         looked = ", ".join(f"'{p}:'" for p in places)
-        also = ""
-        if len(files) > 1:
-            also += f" and in the files its defaults list pulls in ({', '.join(files[1:])})"
-        if missing:
-            also += f"; defaults it could not find: {', '.join(missing)}"
+        also = f" and in the files its defaults list pulls in ({', '.join(files[1:])})" if len(files) > 1 else ""
         raise ConfigError(f"{name}: no loss section; looked for {looked} in {name}{also} "
                           f"(top-level keys: {sorted(map(str, composed))})")
-    where, loss = found
-    where = f"{name}: {where}"
+    where = f"{name}: {found[0]}"
+    loss = _plain(where, found[1])
     if not isinstance(loss, Mapping):
         raise ConfigError(f"{where} must be a mapping of *_weight keys, got {type(loss).__name__}")
 
     weights: dict[str, Any] = {}
     groups: dict[str, Any] = {}
+    velocity = 0.0
     for key, value in loss.items():
         key_s = str(key)
         if _HYDRA_KEY.match(key_s):
             continue  # _target_, _partial_, ...: Hydra's, not ours
-        _check_plain(where, key_s, value)
         if key_s in GROUP_KEYS:
             groups[key_s] = value
             continue
-        if key_s not in CONFIG_KEYS:
-            raise ConfigError(f"{where}.{key_s}: unknown key; expected some of {list(CONFIG_KEYS + GROUP_KEYS)} "
+        if key_s not in CONFIG_KEYS and key_s != VELOCITY_KEY:
+            raise ConfigError(f"{where}.{key_s}: unknown key; expected some of "
+                              f"{list(CONFIG_KEYS + (VELOCITY_KEY,) + GROUP_KEYS)} "
                               "(Hydra's _target_-style keys are ignored)")
         try:
-            LossWeights.from_config({key: value})
+            if key_s == VELOCITY_KEY:
+                velocity = _check_weight("velocity", value)
+            else:
+                LossWeights.from_config({key: value})
         except TypeError as e:
-            raise TypeError(f"{where}.{key_s}: {e}") from e
+            raise _weight_type_error(where, key_s, value, e) from None
         except ValueError as e:
-            raise ConfigError(f"{where}.{key_s}: {e}") from e
-        weights[key_s] = value
+            raise ConfigError(f"{where}.{key_s}: {e}") from None
+        if key_s != VELOCITY_KEY:
+            weights[key_s] = value
 
     layout = groups.get("layout")
     if layout is not None:
@@ -352,7 +498,7 @@ def load_loss_config(
         except TypeError as e:
             raise TypeError(f"{where}.{e}") from None
     return LossConfig(LossWeights.from_config(weights), resolved["mouth_indices"], resolved["expression_indices"],
-                      layout, found[0], tuple(files))
+                      layout, found[0], tuple(files), velocity)
 
 
 def load_loss_weights(
@@ -363,4 +509,5 @@ def load_loss_weights(
     return load_loss_config(path, section).weights
 
 
-__all__ = ["ConfigError", "GROUP_KEYS", "LossConfig", "SEARCH_PATHS", "load_loss_config", "load_loss_weights"]
+__all__ = ["ConfigError", "GROUP_KEYS", "LIMITS", "LossConfig", "SEARCH_PATHS", "VELOCITY_KEY", "load_loss_config",
+           "load_loss_weights"]

@@ -8,7 +8,7 @@ from typing import Any, Optional, Union
 import torch
 
 from . import _ops
-from .blendshapes import Layout, resolve
+from .blendshapes import Layout, check_width, resolve
 from ._validation import check_inputs, check_weight_tensor, normalize_indices
 from .terms import EXPRESSION_INDICES, MOUTH_INDICES, LossOutput
 from .weights import DEFAULT, LossWeights, resolve_weights
@@ -45,15 +45,18 @@ def temporal_loss(
         mouth_indices, expression_indices: column groups of the perceptual term;
             each behaves like ``F.mse_loss(pred[..., idx], target[..., idx])``.
             Column numbers (the defaults are the seed's positions 12..21 and
-            0..9, whatever the data's order), or blend-shape names and glob
+            0..9, whatever the data's order; an integer tensor holds
+            numbers, a 1-D bool or uint8 tensor of C entries is a mask, as in
+            ``pred[..., idx]``), or blend-shape names and glob
             patterns such as ``("jaw*", "mouth*")``, which need ``layout``.
             Names are looked up on every call (tens of microseconds); in a
             hot loop pass ``kf.blendshapes.indices(..., layout=...)`` computed
             once, or use :class:`FusedKoeMorphLoss`, which resolves them when
             it is built.
         layout: the data's column order for names: ``"arkit"``,
-            ``"koemorph"``, ``"live_link_face"``, ``"alphabetical"`` or the
-            column names (see :mod:`koemorph_fused.blendshapes`).
+            ``"koemorph"``, ``"live_link_face"``, ``"live_link_face_61"``,
+            ``"alphabetical"`` or the column names (see
+            :mod:`koemorph_fused.blendshapes`); it must name exactly C columns.
 
     Returns:
         :class:`LossOutput` ``(total, terms)``: ``total`` is a 0-dim tensor
@@ -72,6 +75,7 @@ def temporal_loss(
     w = resolve_weights(weights).as_tensor()
     mouth_indices = resolve(mouth_indices, layout, argument="mouth_indices")
     expression_indices = resolve(expression_indices, layout, argument="expression_indices")
+    check_width(layout, pred)
     return fused_temporal_loss(pred, target, prev, raw, continuity, w, mouth_indices, expression_indices)
 
 

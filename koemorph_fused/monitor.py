@@ -16,7 +16,9 @@ tensors instead and reads all pending steps back with one copy per device in
 With ``tensorboard=`` (a log directory or a ``SummaryWriter``) and ``csv=`` (a
 file), every flush also writes its rows there (see :mod:`koemorph_fused.run_log`),
 and ``koemorph-fused plot run.csv`` (or :func:`koemorph_fused.plot.plot_run`)
-draws the curves::
+draws the curves. Leaving the ``with`` block flushes what is still pending;
+a flush that fails (a full disk, a device error) keeps its records for the
+next one::
 
     with kf.LossMonitor(tensorboard="runs/exp1", csv="runs/exp1.csv") as mon:
         ...
@@ -29,12 +31,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any, Optional, Union
 
 import torch
 
-from .run_log import FLAGS, CsvLog, TensorBoardLog
+from .run_log import FLAGS, SEQUENCE_TERM_NAMES, CsvLog, TensorBoardLog
 from .terms import TERM_NAMES, LossOutput
+
 #: Decay of the moving average of the temporal term that ``"temporal_jump"`` compares against.
 TEMPORAL_BASELINE_DECAY = 0.9
 
@@ -59,8 +63,9 @@ def _as_loss_output(out: Any, total: Optional[torch.Tensor]) -> LossOutput:
     if not isinstance(total, torch.Tensor) or total.numel() != 1:
         raise TypeError(f"total must be a one-element tensor, got {type(total).__name__} "
                         f"{tuple(total.shape) if isinstance(total, torch.Tensor) else ''}")
-    if not isinstance(terms, torch.Tensor) or terms.shape != (len(TERM_NAMES),):
-        raise TypeError(f"terms must be a tensor of shape ({len(TERM_NAMES)},), got {type(terms).__name__} "
+    if not isinstance(terms, torch.Tensor) or terms.shape not in ((len(TERM_NAMES),), (len(SEQUENCE_TERM_NAMES),)):
+        raise TypeError(f"terms must be a tensor of shape ({len(TERM_NAMES)},) (the five terms) or "
+                        f"({len(SEQUENCE_TERM_NAMES)},) (the sequence loss's six), got {type(terms).__name__} "
                         f"{tuple(terms.shape) if isinstance(terms, torch.Tensor) else ''}")
     if not (total.is_floating_point() and terms.is_floating_point()):
         raise TypeError(f"total and terms must be floating tensors, got {total.dtype} and {terms.dtype}")
@@ -85,15 +90,25 @@ class LossMonitor:
             :meth:`flush` adds every row's scalars there (``loss/<term>``,
             ``loss/total``, ``schedule/stride``, ``flags/<flag>``, ...; needs
             the optional ``tensorboard`` package).
-        csv: a file path (appended to) or an open text file: :meth:`flush`
-            appends every row (columns :data:`koemorph_fused.run_log.CSV_COLUMNS`).
+        csv: a file path (appended to, its folder created, locked against a
+            second writer) or an open text file: :meth:`flush` appends every
+            row (columns :data:`koemorph_fused.run_log.CSV_COLUMNS`, plus
+            ``velocity`` for sequence-loss records).
 
     What the monitor opens (a writer for a directory, a file for a path) is
-    closed by :meth:`close` or at the end of a ``with`` block; what it is given
-    open is left open.
+    closed by :meth:`close` or at the end of a ``with`` block, which flushes
+    first (if that flush fails, its error propagates and the monitor stays
+    open with the records: call :meth:`flush` again, then :meth:`close`);
+    what it is given open is left open.
 
-    A row (a dict) holds the five terms (:data:`~koemorph_fused.TERM_NAMES`),
-    ``"total"``, ``"step"`` (0, 1, ... over the monitor's life), ``"stride"``,
+    Steps continue what the logs already hold: a monitor appending to a run
+    CSV or a TensorBoard directory with earlier steps numbers its first
+    record one past the last of them (the larger where both are given), so
+    a resumed run is one run in the CSV and in TensorBoard alike.
+
+    A row (a dict) holds the five terms (:data:`~koemorph_fused.TERM_NAMES`;
+    records of the sequence loss, whose ``terms`` have six entries, add
+    ``"velocity"``), ``"total"``, ``"step"`` (consecutive, see above), ``"stride"``,
     ``"file_transition"`` (bool), ``"phase"`` and ``"epoch"`` (None unless a
     phase was given) and ``"flags"``, a list of:
 
@@ -123,22 +138,32 @@ class LossMonitor:
         self.divergence_threshold = float(divergence_threshold)
         self.temporal_jump_factor = None if temporal_jump_factor is None else float(temporal_jump_factor)
         self._pending: list[dict[str, Any]] = []
-        self._step = 0
         # Moving average of the temporal term over earlier steps (host side, updated in flush).
         self._temporal_baseline: Optional[float] = None
+        self._terms: Optional[tuple[str, ...]] = None  # the term names of the records (five or six)
         self._logs: list[Any] = []
+        self._csv: Optional[CsvLog] = None
         try:
             if csv is not None:
-                self._logs.append(CsvLog(csv))
+                self._csv = CsvLog(csv)
+                self._logs.append(self._csv)
             if tensorboard is not None:
                 self._logs.append(TensorBoardLog(tensorboard))
         except BaseException:
             self.close()
             raise
+        self._step = max([log.next_step for log in self._logs], default=0)
+        # The last step each log has been given: a retried flush skips what a log already has.
+        self._written = [self._step - 1] * len(self._logs)
 
     def close(self) -> None:
-        """Close the CSV file and TensorBoard writer the monitor opened (pending
-        records are not flushed: call :meth:`flush` first)."""
+        """Close the CSV file and TensorBoard writer the monitor opened. Pending
+        records are not flushed (call :meth:`flush` first, or leave a ``with``
+        block, which does); a warning says how many were dropped."""
+        if self._pending:
+            warnings.warn(f"LossMonitor closed with {len(self._pending)} records never flushed; they are dropped",
+                          RuntimeWarning, stacklevel=2)
+            self._pending = []
         for log in self._logs:
             log.close()
         self._logs = []
@@ -146,7 +171,15 @@ class LossMonitor:
     def __enter__(self) -> "LossMonitor":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            self.flush()
+        except Exception as e:
+            if exc_type is None:
+                raise  # the monitor stays open with its records: flush() again, then close()
+            # The block already failed: that error is the one to see; this one is a warning.
+            warnings.warn(f"LossMonitor could not flush at the end of the with block: {e}", RuntimeWarning,
+                          stacklevel=2)
         self.close()
 
     def __len__(self) -> int:
@@ -179,6 +212,14 @@ class LossMonitor:
             expected_total: ``(low, high)``; overrides the phase's range.
         """
         loss = _as_loss_output(out, total)
+        terms = TERM_NAMES if loss.terms.numel() == len(TERM_NAMES) else SEQUENCE_TERM_NAMES
+        if self._terms is not None and terms != self._terms:
+            raise ValueError(f"this monitor records {len(self._terms)}-term losses; got {len(terms)} terms "
+                             "(use one monitor, and one CSV, per kind of loss)")
+        columns = self._csv.columns if self._csv is not None else None
+        if columns is not None and ("velocity" in columns) != ("velocity" in terms):
+            raise ValueError(f"{self._csv.name}: its rows have {'six' if 'velocity' in columns else 'five'} terms, "
+                             f"this record {len(terms)}; write it to another file")
         if stride is not None:
             if isinstance(stride, bool) or not isinstance(stride, numbers.Integral):
                 raise TypeError(f"stride must be an int or None, got {type(stride).__name__} {stride!r}")
@@ -198,9 +239,11 @@ class LossMonitor:
             transition = bool(file_transition)
         else:
             raise TypeError(f"file_transition must be a bool or a tensor, got {type(file_transition).__name__}")
+        self._terms = terms
         self._pending.append({
             "total": loss.total.detach().reshape(()),
             "terms": loss.terms.detach(),
+            "terms_names": terms,
             "transition": transition,
             "stride": stride,
             "phase": getattr(phase, "name", None) if phase is not None else None,
@@ -211,12 +254,15 @@ class LossMonitor:
         self._step += 1
 
     def flush(self) -> list[dict[str, Any]]:
-        """Rows for every pending record, oldest first; clears them, and writes
-        them to the monitor's CSV file and TensorBoard writer, if any.
+        """Rows for every pending record, oldest first; writes them to the
+        monitor's CSV file and TensorBoard writer, if any, and clears them.
 
         Reads everything back with one device-to-host copy per device (one
-        synchronisation when training on one device)."""
-        pending, self._pending = self._pending, []
+        synchronisation when training on one device). If anything fails (the
+        read-back, a log's write), the error propagates and the records stay
+        pending: the next flush retries them, and a log that already took some
+        of them is not given those again."""
+        pending = list(self._pending)
         if not pending:
             return []
         by_device: dict[torch.device, list[int]] = {}
@@ -235,14 +281,27 @@ class LossMonitor:
             host = torch.stack(rows).tolist()  # the one synchronisation for this device
             for i, v in zip(idx, host):
                 values[i] = v
-        rows = [self._row(rec, vals) for rec, vals in zip(pending, values)]
-        for log in self._logs:
-            log.write(rows)
+        baseline = self._temporal_baseline
+        rows = []
+        for rec, vals in zip(pending, values):
+            row, baseline = self._row(rec, vals, baseline)
+            rows.append(row)
+        for i, log in enumerate(self._logs):
+            todo = [row for row in rows if row["step"] > self._written[i]]
+            if todo:
+                log.write(todo)
+                self._written[i] = todo[-1]["step"]
+        # Everything is written: now the records leave, and the baseline moves on.
+        del self._pending[:len(pending)]
+        self._temporal_baseline = baseline
         return rows
 
-    def _row(self, rec: dict[str, Any], vals: list[float]) -> dict[str, Any]:
-        n = len(TERM_NAMES)
-        row: dict[str, Any] = dict(zip(TERM_NAMES, vals[:n]))
+    def _row(self, rec: dict[str, Any], vals: list[float],
+             baseline: Optional[float]) -> tuple[dict[str, Any], Optional[float]]:
+        """The row of a record and the temporal baseline after it."""
+        names = rec["terms_names"]
+        n = len(names)
+        row: dict[str, Any] = dict(zip(names, vals[:n]))
         total = vals[n]
         transition = bool(vals[n + 1])
         row.update(total=total, step=rec["step"], stride=rec["stride"], file_transition=transition,
@@ -260,14 +319,13 @@ class LossMonitor:
         # Steps without a temporal term (exactly 0: no prev, or no continuous row)
         # and file transitions neither get flagged nor move the baseline.
         if not transition and math.isfinite(temporal) and temporal != 0.0:
-            baseline = self._temporal_baseline
             if self.temporal_jump_factor is not None and baseline is not None \
                     and temporal > self.temporal_jump_factor * baseline:
                 flags.append("temporal_jump")
-            self._temporal_baseline = temporal if baseline is None else \
+            baseline = temporal if baseline is None else \
                 TEMPORAL_BASELINE_DECAY * baseline + (1.0 - TEMPORAL_BASELINE_DECAY) * temporal
         row["flags"] = flags
-        return row
+        return row, baseline
 
 
 __all__ = ["FLAGS", "LossMonitor"]

@@ -6,7 +6,8 @@ that :class:`~koemorph_fused.LossMonitor` writes (``csv=``), or from its rows.
 
 The figure has two panels over the step axis:
 
-* the five unweighted terms and the weighted total (log scale), with the
+* the five unweighted terms (six with the sequence loss's ``velocity``) and
+  the weighted total (log scale), with the
   flagged steps marked: ``divergence`` and ``outside_expected`` on the total,
   ``temporal_jump`` on the temporal term, ``nonfinite`` at the top edge;
 * the sampling stride (log scale), with the steps that crossed a file
@@ -15,6 +16,9 @@ The figure has two panels over the step axis:
 Phase boundaries (early / mid / late) are solid vertical lines through both
 panels, labelled with the phase that starts there; stride changes inside a
 phase are dotted lines.
+
+The image is never written over the run CSV it is drawn from (an error
+instead, whatever the names).
 """
 
 from __future__ import annotations
@@ -23,13 +27,14 @@ import argparse
 import math
 import os
 import sys
+import warnings
 from typing import Any, Optional, Sequence, Union
 
 from .cli_args import CommandLineError, int_arg, plot_file
-from .terms import TERM_NAMES
+from .run_log import SEQUENCE_TERM_NAMES
 
 _TERM_COLORS = {"mse": "tab:blue", "l1": "tab:orange", "perceptual": "tab:green", "temporal": "tab:purple",
-                "smoothing": "tab:brown", "total": "black"}
+                "smoothing": "tab:brown", "velocity": "tab:olive", "total": "black"}
 #: How each flag is marked: (matplotlib marker, colour, curve it sits on).
 _FLAG_STYLE = {
     "divergence": ("^", "tab:red", "total"),
@@ -50,6 +55,14 @@ def _changes(rows: list[dict[str, Any]], key: str) -> list[tuple[int, Any]]:
         if row.get(key) != before.get(key):
             out.append((row["step"], row.get(key)))
     return out
+
+
+def _same_file(a: Union[str, os.PathLike], b: Union[str, os.PathLike]) -> bool:
+    a, b = os.fspath(a), os.fspath(b)
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist (yet)
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def plot_run(
@@ -75,8 +88,8 @@ def plot_run(
         the ``matplotlib.figure.Figure`` (no pyplot state is touched).
 
     Raises:
-        ValueError: no rows, or a bad size / dpi. OSError / ValueError from
-            reading the CSV.
+        ValueError: no rows, a bad size / dpi, or ``path`` is the run CSV
+            itself. OSError / ValueError from reading the CSV.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -84,6 +97,9 @@ def plot_run(
     from .run_log import read_csv
 
     if isinstance(run, (str, os.PathLike)):
+        if path is not None and _same_file(run, path):
+            raise ValueError(f"{os.fspath(path)}: the image would write over its input, the run CSV; "
+                             "choose another output")
         title = title if title is not None else os.path.basename(os.fspath(run))
         rows = read_csv(run)
         where = os.fspath(run)
@@ -106,7 +122,9 @@ def plot_run(
     fig.suptitle(title if title is not None else "loss terms")
 
     any_positive = False
-    for key in (*TERM_NAMES, "total"):
+    for key in (*SEQUENCE_TERM_NAMES, "total"):
+        if key not in rows[0]:
+            continue  # velocity: only sequence-loss runs have it
         ys = [_finite(r[key]) for r in rows]
         ys = [math.nan if y is None else y for y in ys]
         any_positive |= any(y > 0 for y in ys if not math.isnan(y))
@@ -196,16 +214,27 @@ def main(args: argparse.Namespace) -> int:
         raise CommandLineError(f"{source}: no such file" if not os.path.exists(source) else f"{source}: not a file")
     output = args.output
     if output is None:  # the default, beside the CSV: checked like an explicit -o
+        output = os.path.splitext(source)[0] + ".png"
+        if _same_file(source, output):
+            raise CommandLineError(f"{source}: the image RUN.png would write over its input; name the image "
+                                   "with -o")
         try:
-            output = plot_file(os.path.splitext(source)[0] + ".png")
+            output = plot_file(output)
         except argparse.ArgumentTypeError as e:
             raise CommandLineError(f"argument -o/--output: {e}") from None
+    elif _same_file(source, output):
+        raise CommandLineError(f"argument -o/--output: {output}: the image would write over its input, the "
+                               "run CSV; choose another name")
     from .run_log import read_csv
 
     try:
-        rows = read_csv(source)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rows = read_csv(source)
     except (OSError, ValueError) as e:
         raise CommandLineError(str(e)) from None
+    for warning in caught:  # a torn last line: one line on stderr, not a Python warning
+        print(f"koemorph-fused plot: warning: {warning.message}", file=sys.stderr)
     if not rows:
         raise CommandLineError(f"{source}: the run CSV has no rows yet")
     plot_run(rows, output, size=args.size, dpi=args.dpi,

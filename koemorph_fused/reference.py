@@ -1,5 +1,6 @@
-"""The KoeMorph temporal loss in plain PyTorch: the reference the fused kernel
-is tested against, term by term and gradient by gradient.
+"""The KoeMorph losses in plain PyTorch (rows: :func:`temporal_loss`; windows
+of frames: :func:`sequence_loss`): the reference the fused kernels are tested
+against, term by term and gradient by gradient.
 
 Same signatures, outputs and argument checks as the fused API. Written for
 clarity, not speed: every term is a separate chain of eager ops, as in the
@@ -9,19 +10,20 @@ seed's ``src/model/losses.py``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
-from .blendshapes import Layout, resolve
-from ._validation import check_inputs, normalize_indices
+from .blendshapes import Layout, check_width, resolve
+from ._validation import check_counts, check_inputs, check_reduction, check_sequence_inputs, normalize_indices
 from .functional import Continuity, Weights
-from .modules import KoeMorphLossModule
-from .terms import EXPRESSION_INDICES, MOUTH_INDICES, LossOutput
-from .weights import DEFAULT, resolve_weights
+from .modules import KoeMorphLossModule, KoeMorphSequenceLossModule
+from .sequence import SequenceContinuity, frame_sets
+from .terms import EXPRESSION_INDICES, MOUTH_INDICES, LossOutput, SequenceLossOutput
+from .weights import DEFAULT, check_velocity_weight, resolve_weights
 
-__all__ = ["temporal_loss", "KoeMorphTemporalLoss"]
+__all__ = ["temporal_loss", "KoeMorphTemporalLoss", "sequence_loss", "KoeMorphSequenceLoss"]
 
 
 def temporal_loss(
@@ -41,6 +43,7 @@ def temporal_loss(
     w = resolve_weights(weights)
     mouth_indices = resolve(mouth_indices, layout, argument="mouth_indices")
     expression_indices = resolve(expression_indices, layout, argument="expression_indices")
+    check_width(layout, pred)
     pred, target, prev, raw, mask = check_inputs(pred, target, prev, raw, continuity)
     cols = pred.shape[-1]
     mouth = normalize_indices("mouth_indices", mouth_indices, cols)
@@ -93,3 +96,103 @@ class KoeMorphTemporalLoss(KoeMorphLossModule):
 
     _loss_function = staticmethod(temporal_loss)
 
+
+
+def sequence_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    raw: Optional[torch.Tensor] = None,
+    *,
+    prev: Optional[torch.Tensor] = None,
+    prev_target: Optional[torch.Tensor] = None,
+    lengths: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    continuity: SequenceContinuity = None,
+    weights: Weights = DEFAULT,
+    velocity_weight: float = 0.0,
+    reduction: str = "mean",
+    counts: Union[None, torch.Tensor, Sequence[float]] = None,
+    mouth_indices: Sequence[int] = MOUTH_INDICES,
+    expression_indices: Sequence[int] = EXPRESSION_INDICES,
+    layout: Optional[Layout] = None,
+) -> SequenceLossOutput:
+    """Reference implementation of :func:`koemorph_fused.sequence_loss` (same
+    arguments, checks and result), in eager PyTorch: the previous frame is a
+    shifted copy, each term a separate chain of ops."""
+    w = resolve_weights(weights).as_tuple() + (check_velocity_weight(velocity_weight),)
+    mouth_indices = resolve(mouth_indices, layout, argument="mouth_indices")
+    expression_indices = resolve(expression_indices, layout, argument="expression_indices")
+    check_width(layout, pred)
+    s = check_sequence_inputs(pred, target, raw, prev, prev_target, lengths, mask, continuity)
+    check_reduction(reduction)
+    given_counts = check_counts(counts, reduction, s.pred.device)
+    batch, frames, cols = s.pred.shape
+    mouth = normalize_indices("mouth_indices", mouth_indices, cols)
+    expression = normalize_indices("expression_indices", expression_indices, cols)
+
+    acc = torch.float64 if s.pred.dtype == torch.float64 else torch.float32
+    valid, pairs, velocity_pairs = frame_sets(
+        batch, frames, lengths=s.lengths, mask=s.mask, continuity=s.continuity,
+        with_prev=s.prev is not None, with_prev_target=s.prev_target is not None, device=s.pred.device)
+
+    # Frames outside V are replaced by 0 before any arithmetic, so that a NaN
+    # in padding reaches neither a term nor a gradient (not even as 0 * NaN).
+    def frames_of(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(valid.unsqueeze(-1), x.to(acc), 0.0)
+
+    p, t = frames_of(s.pred), frames_of(s.target)
+    zero = p.new_zeros((batch, frames))
+    d = p - t
+    mse = (d ** 2).mean(-1)
+    l1 = d.abs().mean(-1)
+
+    def group_mse(idx: tuple[int, ...]) -> torch.Tensor:
+        return (d[..., list(idx)] ** 2).mean(-1) if idx else zero
+
+    perceptual = group_mse(mouth) + group_mse(expression)
+    smoothing = zero if s.raw is None else (p - frames_of(s.raw)).abs().mean(-1)
+
+    # The previous frame of every frame: frame t - 1, or prev for t = 0
+    # (zeros where there is none; such frames are not in P).
+    def previous(x: torch.Tensor, first: Optional[torch.Tensor]) -> torch.Tensor:
+        head = p.new_zeros((batch, 1, cols)) if first is None else first.to(acc).unsqueeze(1)
+        return torch.cat([head, x[:, :-1]], dim=1)[:, :frames]
+
+    temporal = ((p - previous(p, s.prev).detach()) ** 2).mean(-1)
+    velocity = (((p - previous(p, s.prev)) - (t - previous(t, s.prev_target))) ** 2).mean(-1)
+
+    per_frame = torch.stack([
+        torch.where(valid, mse, 0.0),
+        torch.where(valid, l1, 0.0),
+        torch.where(valid, perceptual, 0.0),
+        torch.where(pairs, temporal, 0.0),
+        torch.where(valid, smoothing, 0.0),
+        torch.where(velocity_pairs, velocity, 0.0),
+    ], dim=-1)
+    n_valid = valid.sum()
+    this_counts = torch.stack([n_valid, n_valid, n_valid, pairs.sum(),
+                               n_valid if s.raw is not None else torch.zeros_like(n_valid),
+                               velocity_pairs.sum()]).to(torch.int64)
+
+    if reduction == "none":
+        terms = per_frame
+    else:
+        terms = per_frame.sum(dim=(0, 1))
+        if reduction == "mean":
+            divisor = this_counts if given_counts is None else given_counts
+            terms = terms / divisor.to(acc).clamp(min=1)
+    total = zero if reduction == "none" else zero.sum()
+    for k, weight in enumerate(w):
+        if weight > 0:  # a weight of 0 removes the term (0 * NaN stays out)
+            total = total + weight * terms[..., k]
+    if not total.requires_grad:
+        # As in temporal_loss: the total stays in the graph, with zero gradients.
+        inputs = p.sum() + t.sum() + (s.raw.sum() if s.raw is not None else 0)
+        total = torch.where(torch.zeros((), dtype=torch.bool, device=p.device), inputs, total)
+    return SequenceLossOutput(total, terms.detach(), this_counts)
+
+
+class KoeMorphSequenceLoss(KoeMorphSequenceLossModule):
+    """:class:`koemorph_fused.FusedKoeMorphSequenceLoss` in plain PyTorch."""
+
+    _loss_function = staticmethod(sequence_loss)

@@ -1,5 +1,6 @@
-"""Names of the five loss terms, the seed's positional column groups, and the
-result type of :func:`koemorph_fused.temporal_loss`."""
+"""Names of the loss terms, the seed's positional column groups, and the
+result types of :func:`koemorph_fused.temporal_loss` and
+:func:`koemorph_fused.sequence_loss`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ import torch
 
 #: Order of the unweighted terms in ``LossOutput.terms`` (and of the weights).
 TERM_NAMES: tuple[str, ...] = ("mse", "l1", "perceptual", "temporal", "smoothing")
+
+#: Order of the six terms of the sequence loss (``SequenceLossOutput.terms``,
+#: ``counts`` and the weights): the five above, then the velocity term.
+SEQUENCE_TERM_NAMES: tuple[str, ...] = TERM_NAMES + ("velocity",)
 
 #: The seed's "mouth" group (the mel stream's columns): columns 12..21 by
 #: position, whatever the data's column order. In the ARKit / KoeMorph order
@@ -45,3 +50,33 @@ class LossOutput(NamedTuple):
         The one place that synchronises with the device (one copy for all six)."""
         values = torch.cat([self.terms.detach(), self.total.detach().reshape(1)]).tolist()
         return dict(zip(TERM_NAMES + ("total",), values))
+
+
+class SequenceLossOutput(NamedTuple):
+    """What :func:`koemorph_fused.sequence_loss` returns.
+
+    Attributes:
+        total: the weighted sum of the terms: 0-dim for ``reduction="mean"``
+            and ``"sum"``, ``(B, T)`` per frame for ``"none"`` (float32 for
+            float16/bfloat16 inputs, else the input dtype). Differentiable.
+        terms: the six unweighted terms in :data:`SEQUENCE_TERM_NAMES` order:
+            ``(6,)``, or ``(B, T, 6)`` per frame for ``"none"`` (0 where a
+            frame is not counted); same dtype as ``total``; not differentiable.
+        counts: ``(6,)`` int64, how many frames (mse, l1, perceptual,
+            smoothing) or frame pairs (temporal, velocity) this call counted.
+    """
+
+    total: torch.Tensor
+    terms: torch.Tensor
+    counts: torch.Tensor
+
+    def as_dict(self) -> dict[str, float]:
+        """``{"mse": ..., "velocity": ..., "total": ...}`` as Python floats
+        (``reduction="mean"`` or ``"sum"``); one copy from the device for all seven."""
+        if self.terms.dim() != 1:
+            raise ValueError(
+                "as_dict() needs a reduced output (reduction='mean' or 'sum'); "
+                f"this one holds per-frame terms of shape {tuple(self.terms.shape)}"
+            )
+        values = torch.cat([self.terms.detach(), self.total.detach().reshape(1)]).tolist()
+        return dict(zip(SEQUENCE_TERM_NAMES + ("total",), values))

@@ -16,6 +16,11 @@ from .terms import TERM_NAMES
 CONFIG_KEYS: tuple[str, ...] = tuple(f"{name}_weight" for name in TERM_NAMES)
 
 
+def check_velocity_weight(value: Any) -> float:
+    """The sequence loss's ``velocity_weight``: a finite real number >= 0, as a float."""
+    return _check_weight("velocity", value)
+
+
 def _check_weight(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"loss weight {name!r} must be a real number, got {type(value).__name__} {value!r}")

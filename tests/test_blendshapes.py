@@ -1,6 +1,8 @@
 """koemorph_fused.blendshapes: layouts, names, patterns, presets, and the loss with named groups."""
 
+import contextlib
 import doctest
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,10 +30,17 @@ def test_module_doctests():
     assert result.attempted >= 8 and result.failed == 0
 
 
-@pytest.mark.parametrize("name", list(bs.LAYOUTS))
+@pytest.mark.parametrize("name", [n for n in bs.LAYOUTS if n != "live_link_face_61"])
 def test_every_layout_is_a_permutation_of_the_52_names(name):
     order = bs.layout(name)
     assert len(order) == 52 and sorted(order) == sorted(bs.ARKIT) and len(set(order)) == 52
+
+
+def test_live_link_face_61_names_the_csv_data_columns():
+    order = bs.layout("live_link_face_61")
+    assert order[:52] == bs.LIVE_LINK_FACE and len(set(order)) == 61
+    assert [n.casefold() for n in order] == [h.casefold() for h in LIVE_LINK_FACE_HEADER[2:]]
+    assert list(bs.LIVE_LINK_FACE_CSV_HEADER) == LIVE_LINK_FACE_HEADER
 
 
 def test_layouts_differ_where_documented():
@@ -249,9 +258,8 @@ def test_loss_rejects_bad_names_the_same_way(fn):
         fn(pred, target, mouth_indices=["jaw*", 3], layout="arkit")
     with pytest.raises(TypeError, match="mouth_indices must contain ints, got str 'jaw\\*'"):
         fn(pred, target, mouth_indices=[3, "jaw*"], layout="arkit")
-    # positional groups ignore the layout (a valid one), and a named group still
-    # has to fit the data: a 52-name layout on 20 columns is an index error
-    with pytest.raises(ValueError, match="mouth_indices holds index 40"):
+    # a layout names every column: a 52-name layout on 20 columns is an error saying both numbers
+    with pytest.raises(ValueError, match="layout: layout 'arkit' names 52 columns, but the data has C = 20"):
         fn(torch.rand(2, 20), torch.rand(2, 20), mouth_indices=["mouthUpperUpRight"], layout="arkit")
 
 
@@ -281,3 +289,144 @@ def test_module_takes_an_index_tensor_like_the_function():
     assert torch.equal(module(pred, target), kf.temporal_loss(pred, target, **groups).total)
     with pytest.raises(TypeError, match="mouth_indices"):
         kf.FusedKoeMorphLoss(mouth_indices=torch.zeros(2, 2, dtype=torch.long))(pred, target)
+
+
+# --- Layouts that must fit the data, exact names, masks, Live Link Face CSVs (issue 18) ----------
+
+LOSSES = [kf.temporal_loss, kf.reference.temporal_loss, lambda *a, **k: kf.FusedKoeMorphLoss(
+    **{key: v for key, v in k.items() if key != "weights"})(*a), lambda *a, **k: kf.reference.KoeMorphTemporalLoss(
+    **{key: v for key, v in k.items() if key != "weights"})(*a)]
+LOSS_IDS = ["fused", "reference", "fused-module", "reference-module"]
+TAKE = Path(__file__).resolve().parent / "data" / "live_link_face" / "take.csv"
+
+
+@pytest.mark.parametrize("fn", LOSSES, ids=LOSS_IDS)
+def test_the_csv_header_as_layout_is_refused_with_a_live_link_face_hint(fn):
+    # The whole header (63 names with Timecode and BlendShapeCount) on 61 data columns would
+    # shift every named group by two columns: jawOpen would land on mouthFunnel.
+    pred, target = torch.rand(3, 61), torch.rand(3, 61)
+    with pytest.raises(ValueError) as info:
+        fn(pred, target, mouth_indices=["JawOpen"], layout=LIVE_LINK_FACE_HEADER)
+    message = str(info.value)
+    for part in ("names 63 columns", "C = 61", "Live Link Face", "Timecode", "live_link_face_61"):
+        assert part in message, message
+    # The 52-name layout on the 61 columns says the same; numbers or names, the layout must fit.
+    with pytest.raises(ValueError, match=r"names 52 columns, but the data has C = 61.*live_link_face_61"):
+        fn(pred, target, layout="live_link_face")
+    with pytest.raises(ValueError, match=r"names 52 columns, but the data has C = 53(?!.*Live Link)"):
+        fn(torch.rand(3, 53), torch.rand(3, 53), layout="arkit")
+
+
+@pytest.mark.parametrize("fn", LOSSES, ids=LOSS_IDS)
+def test_live_link_face_61_groups(fn):
+    pred, target = torch.rand(3, 61, dtype=torch.float64), torch.rand(3, 61, dtype=torch.float64)
+    named = fn(pred, target, mouth_indices=["jawOpen"], expression_indices=["head*"], layout="live_link_face_61")
+    numbered = fn(pred, target, mouth_indices=[17], expression_indices=[52, 53, 54])
+    total = named.total if isinstance(named, tuple) else named
+    assert torch.equal(total, numbered.total if isinstance(numbered, tuple) else numbered)
+
+
+def test_exact_names_win_over_globs():
+    columns = ["jaw?", "jawA", "jawB", "bs[0]", "bs0", "mouth*", "mouthX"]
+    assert bs.indices("jaw?", layout=columns) == (0,)
+    assert bs.indices("bs[0]", layout=columns) == (3,)
+    assert bs.indices("mouth*", layout=columns) == (5,)
+    assert bs.indices("jaw[AB]", layout=columns) == (1, 2)  # no column has that name: a glob
+    assert bs.indices("bs?", layout=columns) == (4,)
+    pred, target = torch.rand(2, 7, dtype=torch.float64), torch.rand(2, 7, dtype=torch.float64)
+    for fn in (kf.temporal_loss, kf.reference.temporal_loss):
+        assert torch.equal(fn(pred, target, mouth_indices=["jaw?"], expression_indices=["bs[0]"], layout=columns).terms,
+                           fn(pred, target, mouth_indices=[0], expression_indices=[3]).terms)
+
+
+@pytest.mark.parametrize("fn", LOSSES, ids=LOSS_IDS)
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8])
+def test_bool_and_uint8_tensors_are_masks_like_indexing(fn, dtype):
+    g = torch.Generator().manual_seed(3)
+    pred, target = (torch.rand(4, 52, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.zeros(52, dtype=dtype)
+    mask[[12, 14, 40]] = 1
+    got = fn(pred, target, mouth_indices=mask, expression_indices=torch.ones(52, dtype=dtype))
+    want = fn(pred, target, mouth_indices=[12, 14, 40], expression_indices=list(range(52)))
+    got, want = (x.total if isinstance(x, tuple) else x for x in (got, want))
+    assert torch.equal(got, want)
+    # The perceptual group behaves like F.mse_loss(pred[..., idx], target[..., idx]) with torch's reading of idx.
+    terms = kf.reference.temporal_loss(pred, target, mouth_indices=mask, expression_indices=[]).terms
+    with pytest.warns(UserWarning) if dtype == torch.uint8 else contextlib.nullcontext():
+        direct = torch.nn.functional.mse_loss(pred[..., mask], target[..., mask])
+    torch.testing.assert_close(terms[2], direct, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("fn", LOSSES, ids=LOSS_IDS)
+def test_masks_that_do_not_fit_are_errors(fn):
+    pred, target = torch.rand(2, 52), torch.rand(2, 52)
+    with pytest.raises(ValueError, match=r"mouth_indices is a torch.bool tensor, a mask.*C = 52 entries, got 10"):
+        fn(pred, target, mouth_indices=torch.ones(10, dtype=torch.bool))
+    positions = torch.zeros(52, dtype=torch.uint8)
+    positions[:3] = torch.tensor([12, 13, 14], dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"expression_indices is a uint8 tensor.*holds 12.*torch.long"):
+        fn(pred, target, expression_indices=positions)
+    with pytest.raises(ValueError, match=r"mouth_indices is a torch.uint8 tensor.*got 3"):
+        fn(pred, target, mouth_indices=torch.tensor([12, 13, 14], dtype=torch.uint8))
+
+
+def test_read_live_link_face_csv():
+    lines = TAKE.read_text().splitlines()
+    assert lines[0].split(",") == LIVE_LINK_FACE_HEADER
+    cells = [line.split(",") for line in lines[1:]]
+    take = bs.read_live_link_face_csv(TAKE)
+    assert take.values.shape == (len(cells), 52) and take.values.dtype == torch.float32
+    assert take.names == bs.LIVE_LINK_FACE
+    assert take.timecodes == tuple(c[0] for c in cells) and take.timecodes[0].count(":") == 3
+    expected = torch.tensor([[float(v) for v in c[2:54]] for c in cells], dtype=torch.float64)
+    assert torch.equal(take.values, expected.float())
+    full = bs.read_live_link_face_csv(TAKE, "live_link_face_61", dtype=torch.float64)
+    assert torch.equal(full.values, torch.tensor([[float(v) for v in c[2:]] for c in cells], dtype=torch.float64))
+    # In the ARKit order jawLeft is where the CSV's JawLeft column is, by name.
+    arkit = bs.read_live_link_face_csv(TAKE, "arkit", dtype=torch.float64)
+    jaw_left = LIVE_LINK_FACE_HEADER.index("JawLeft")
+    assert torch.equal(arkit.values[:, bs.ARKIT.index("jawLeft")], torch.tensor([float(c[jaw_left]) for c in cells],
+                                                                               dtype=torch.float64))
+    # The take goes straight into the loss with named groups.
+    out = kf.temporal_loss(take.values[1:], take.values[1:], take.values[:-1], mouth_indices="jaw*",
+                           layout="live_link_face")
+    assert out.terms[0] == 0.0 and out.terms[3] > 0
+
+
+def test_read_live_link_face_csv_crlf_and_bom(tmp_path):
+    path = tmp_path / "take.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + TAKE.read_bytes().replace(b"\n", b"\r\n"))
+    assert torch.equal(bs.read_live_link_face_csv(path).values, bs.read_live_link_face_csv(TAKE).values)
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda lines: ["Frame," + lines[0]] + lines[1:], r"not a Live Link Face CSV.*Timecode,BlendShapeCount"),
+    (lambda lines: [lines[0].replace("JawOpen", "JawOpn")] + lines[1:], r"no column for jawOpen"),
+    (lambda lines: lines[:2] + [lines[2].rsplit(",", 1)[0]], r"take\.csv:3: expected 63 cells"),
+    (lambda lines: lines[:1] + [lines[1].replace(",61,", ",61,x,", 1).rsplit(",", 1)[0]] + lines[2:],
+     r"take\.csv:2: column EyeBlinkLeft: 'x' is not a number"),
+])
+def test_read_live_link_face_csv_errors(tmp_path, edit, pattern):
+    path = tmp_path / "take.csv"
+    path.write_text("\n".join(edit(TAKE.read_text().splitlines())) + "\n")
+    with pytest.raises(ValueError, match=pattern):
+        bs.read_live_link_face_csv(path)
+
+
+def test_reorder_between_layouts():
+    x = torch.rand(3, 52, dtype=torch.float64, requires_grad=True)
+    y = bs.reorder(x, "live_link_face", "arkit")
+    for i, n in enumerate(bs.ARKIT):
+        assert torch.equal(y[:, i], x[:, bs.LIVE_LINK_FACE.index(n)])
+    assert torch.equal(bs.reorder(y, "arkit", "live_link_face"), x)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+    full = torch.rand(2, 61)
+    assert torch.equal(bs.reorder(full, "live_link_face_61", "live_link_face"), full[:, :52])
+    assert bs.permutation("arkit", "alphabetical") == tuple(bs.ARKIT.index(n) for n in sorted(bs.ARKIT))
+    with pytest.raises(ValueError, match="headYaw.*not in layout 'arkit'"):
+        bs.permutation("arkit", "live_link_face_61")
+    with pytest.raises(ValueError, match="source: layout 'arkit' names 52 columns, but the data has C = 61"):
+        bs.reorder(full, "arkit", "alphabetical")
+    with pytest.raises(TypeError, match="values must be a torch.Tensor"):
+        bs.reorder([1.0], "arkit", "arkit")

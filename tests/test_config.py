@@ -189,18 +189,29 @@ def test_self_position_decides_who_wins(tmp_path, self_first, expected):
     assert kf.load_loss_weights(main) == kf.LossWeights(temporal=expected, l1=0.2)
 
 
-def test_package_directives_and_override(tmp_path):
+def test_override_replaces_the_default_it_names(tmp_path):
+    # Hydra's override swaps the option: nothing of training/loss/heavy is left (a merge would keep l1 = 0.3).
     main = _tree(tmp_path, {
-        "main.yaml": "defaults:\n  - losses: a\n  - override losses: b\n  - extra@training: c\n",
-        "losses/a.yaml": "# @package _global_\nloss:\n  temporal_weight: 0.9\n",
-        "losses/b.yaml": "# a comment first\n# @package _global_\nloss:\n  temporal_weight: 0.4\n",
-        "extra/c.yaml": "loss:\n  l1_weight: 0.3\n",
+        "main.yaml": "defaults:\n  - training: t\n  - override training/loss: light\n  - _self_\n",
+        "training/t.yaml": "defaults:\n  - loss: heavy\n  - _self_\n",
+        "training/loss/heavy.yaml": "l1_weight: 0.3\ntemporal_weight: 0.9\n",
+        "training/loss/light.yaml": "temporal_weight: 0.4\n",
     })
     cfg = kf.load_loss_config(main)
-    # override replaced losses/a (never read), _global_ put b's loss at the top level,
-    # which is found before training.loss (from extra/c, placed by @training).
+    assert cfg.weights == kf.LossWeights(temporal=0.4)
+    assert str(tmp_path / "training" / "loss" / "light.yaml") in cfg.files
+    assert not any(f.endswith("heavy.yaml") for f in cfg.files)
+
+
+def test_package_directives(tmp_path):
+    main = _tree(tmp_path, {
+        "main.yaml": "defaults:\n  - losses: b\n  - extra@training: c\n  - _self_\n",
+        "losses/b.yaml": "# @package _global_\nloss:\n  temporal_weight: 0.4\n",
+        "extra/c.yaml": "loss:\n  l1_weight: 0.3\n",
+    })
+    # _global_ put b's loss at the top level, found before training.loss (from extra/c, placed by @training).
+    cfg = kf.load_loss_config(main)
     assert cfg.section == "loss" and cfg.weights == kf.LossWeights(temporal=0.4)
-    assert not any(f.endswith("a.yaml") for f in cfg.files)
     assert kf.load_loss_weights(main, section="training.loss") == kf.LossWeights(l1=0.3)
 
 
@@ -215,14 +226,14 @@ def test_nested_defaults_are_followed(tmp_path):
 
 def test_nothing_found_says_every_place_it_looked(tmp_path):
     main = _tree(tmp_path, {
-        "main.yaml": "defaults:\n  - model: m\n  - training: gone\n  - _self_\nseed: 1\n",
+        "main.yaml": "defaults:\n  - model: m\n  - _self_\nseed: 1\n",
         "model/m.yaml": "hidden: 4\n",
     })
     with pytest.raises(kf.ConfigError) as info:
         kf.load_loss_weights(main)
     message = str(info.value)
     for part in ("'loss:'", "'training.loss:'", "'model.loss:'", str(main), str(tmp_path / "model" / "m.yaml"),
-                 "could not find: " + str(tmp_path / "training" / "gone.yaml"), "['model', 'seed']"):
+                 "['model', 'seed']"):
         assert part in message
 
 
@@ -241,15 +252,25 @@ def test_non_utf8_group_file_names_that_file(tmp_path):
         kf.load_loss_weights(main)
 
 
-def test_interpolation_is_an_error(tmp_path):
-    path = write(tmp_path, "base: 0.2\nloss:\n  temporal_weight: ${base}\n")
-    with pytest.raises(kf.ConfigError, match=r"loss\.temporal_weight: '\$\{base\}' is an OmegaConf interpolation"):
-        kf.load_loss_weights(path)
+def test_interpolation_is_resolved_as_omegaconf_does(tmp_path):
+    path = write(tmp_path, "base: 0.2\nloss:\n  temporal_weight: ${base}\n  l1_weight: ${oc.decode:'0.3'}\n")
+    assert kf.load_loss_weights(path) == kf.LossWeights(temporal=0.2, l1=0.3)
+
+
+@pytest.mark.parametrize("text, pattern", [
+    ("loss:\n  temporal_weight: ${nowhere}\n", r"loss: .*nowhere"),
+    ("a: ${b}\nb: ${a}\nloss:\n  temporal_weight: ${a}\n", r"loss: "),
+    ("loss:\n  temporal_weight: ???\n", r"loss: .*[Mm]issing"),
+])
+def test_interpolation_that_does_not_resolve(tmp_path, text, pattern):
+    with pytest.raises(kf.ConfigError, match=r"^\S*config\.yaml: " + pattern) as info:
+        kf.load_loss_weights(write(tmp_path, text))
+    assert "\n" not in str(info.value)
 
 
 def test_other_losses_terms_are_unknown_keys(tmp_path):
     path = write(tmp_path, "loss:\n  _target_: src.model.losses.KoeMorphLoss\n  sparsity_weight: 0.01\n")
-    with pytest.raises(kf.ConfigError, match=r"loss\.sparsity_weight: unknown key.*mouth_indices"):
+    with pytest.raises(kf.ConfigError, match=r"loss\.sparsity_weight: unknown key.*velocity_weight.*mouth_indices"):
         kf.load_loss_weights(path)
 
 
@@ -279,3 +300,254 @@ def test_a_group_that_starts_with_numbers_and_mixes_in_names_names_the_file(tmp_
     path.write_text("loss:\n  layout: arkit\n  mouth_indices: [12, jawOpen]\n")
     with pytest.raises(TypeError, match=r"config\.yaml: loss\.mouth_indices mixes names"):
         kf.load_loss_config(path)
+
+
+# --- Hydra composes, OmegaConf loads: the adversarial cases of issue 18 -------------------------
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+hydra = pytest.importorskip("hydra")
+
+
+def _one_line_config_error(path, culprit=None, **kwargs):
+    """load_loss_config fails with a one-line ConfigError that starts with the file (or the culprit
+    file it pulls in), without hanging (the old loader took 21 s on the alias bomb)."""
+    start = time.perf_counter()
+    with pytest.raises(kf.ConfigError) as info:
+        kf.load_loss_config(path, **kwargs)
+    elapsed = time.perf_counter() - start
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(str(culprit or path)), message
+    assert elapsed < 10.0, f"took {elapsed:.1f} s: a hang, not a refusal"
+    return message
+
+
+def _hydra_compose(main):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(main.parent), version_base="1.3"):
+        return compose(config_name=main.stem)
+
+
+KOEMORPH_STYLE = {
+    # Written the way the original KoeMorph configs are: a primary config with a defaults
+    # list, group files with _target_, exponent floats (lr: 1e-4), interpolations, a
+    # nested default and an override of it.
+    "dual_stream_config.yaml": (
+        "defaults:\n  - data: default\n  - model: dual_stream\n  - training: default\n"
+        "  - override training/schedule: fast\n  - _self_\n\n"
+        "seed: 42\nframe_rate: 30\nhydra:\n  run:\n    dir: outputs/${now:%Y-%m-%d}\n"
+        "training:\n  loss:\n    smoothing_weight: 5e-2\n"),
+    "data/default.yaml": "batch_size: 4\ntarget_fps: ${frame_rate}\n",
+    "model/dual_stream.yaml": "_target_: src.model.DualStream\nd_model: 256\nnum_blendshapes: 52\n",
+    "training/default.yaml": (
+        "defaults:\n  - schedule: slow\n  - _self_\n"
+        "optimizer:\n  _target_: torch.optim.AdamW\n  lr: 1e-4\n  weight_decay: 1e-2\n"
+        "loss:\n  _target_: src.model.losses.KoeMorphLoss\n  mse_weight: 1.0\n  l1_weight: 1e-1\n"
+        "  perceptual_weight: 7e-1\n  temporal_weight: 2e-1\n  smoothing_weight: 0.1\n"
+        "  velocity_weight: ${training.schedule.velocity}\n"),
+    "training/schedule/slow.yaml": "epochs: 100\nvelocity: 0.5\n",
+    "training/schedule/fast.yaml": "epochs: 10\nvelocity: 2.5e-1\n",
+}
+
+
+def test_same_weights_as_hydra_compose(tmp_path):
+    main = _tree(tmp_path, KOEMORPH_STYLE) .parent / "dual_stream_config.yaml"
+    cfg = kf.load_loss_config(main)
+    composed = _hydra_compose(main)
+    loss = composed.training.loss
+    expected = kf.LossWeights.from_config({k: loss[k] for k in kf.weights.CONFIG_KEYS})
+    assert cfg.weights == expected == kf.LossWeights(l1=0.1, perceptual=0.7, temporal=0.2, smoothing=0.05)
+    assert cfg.velocity_weight == loss.velocity_weight == 0.25  # the override's, through the interpolation
+    seq_fn = kf.FusedKoeMorphSequenceLoss(**cfg.sequence_module_kwargs())
+    assert seq_fn.velocity_weight == 0.25 and seq_fn.weights == cfg.weights
+    pred = torch.rand(2, 4, 52)
+    torch.testing.assert_close(seq_fn(pred, pred.flip(1)),
+                               kf.sequence_loss(pred, pred.flip(1), **cfg.sequence_loss_kwargs()).total)
+    assert cfg.section == "training.loss"
+    assert cfg.files == tuple(str(tmp_path / f) for f in (
+        "dual_stream_config.yaml", "data/default.yaml", "model/dual_stream.yaml", "training/schedule/fast.yaml",
+        "training/default.yaml"))  # in Hydra's order: a config's defaults before its own content
+
+
+def test_the_repository_fixture_matches_hydra_compose():
+    main = DATA / "hydra" / "dual_stream_config.yaml"
+    loss = _hydra_compose(main).training.loss
+    assert kf.load_loss_weights(main) == kf.LossWeights.from_config(
+        {k: v for k, v in loss.items() if k != "_target_"})
+
+
+def test_exponent_floats_read_as_hydra_reads_them(tmp_path):
+    cfg = kf.load_loss_config(write(tmp_path, "lr: 1e-4\nloss:\n  temporal_weight: 2e-1\n  velocity_weight: 1E-3\n"))
+    assert cfg.weights == kf.LossWeights(temporal=0.2) and cfg.velocity_weight == 0.001
+
+
+def test_duplicate_keys_are_an_error(tmp_path):
+    path = write(tmp_path, "loss:\n  temporal_weight: 0.2\n  l1_weight: 0.1\n  temporal_weight: 0.9\n")
+    assert "config.yaml:4: duplicate key 'temporal_weight'" in _one_line_config_error(path)
+
+
+def test_self_including_defaults_a_a(tmp_path):
+    # The old walker read a.yaml 2^16 times; Hydra itself raises a RecursionError.
+    _tree(tmp_path, {"main.yaml": "", "a.yaml": "defaults:\n  - a\n  - a\nloss:\n  l1_weight: 0.2\n"})
+    message = _one_line_config_error(tmp_path / "a.yaml")
+    assert "includes" in message or "include" in message
+
+
+def test_repeated_leaf_entry_is_what_hydra_makes_of_it(tmp_path):
+    main = _tree(tmp_path, {"main.yaml": "defaults:\n  - a\n  - a\n", "a.yaml": "loss:\n  l1_weight: 0.2\n"})
+    assert kf.load_loss_weights(main) == kf.LossWeights(l1=0.2)
+
+
+def test_defaults_cycle(tmp_path):
+    _tree(tmp_path, {"main.yaml": "", "a.yaml": "defaults:\n  - b\nloss: {}\n", "b.yaml": "defaults:\n  - a\nx: 1\n"})
+    _one_line_config_error(tmp_path / "a.yaml")
+
+
+def test_misspelt_entry_is_an_error_and_optional_is_not(tmp_path):
+    main = _tree(tmp_path, {"main.yaml": "defaults:\n  - trainng: default\n  - _self_\nloss: {}\n",
+                            "training/default.yaml": "x: 1\n",
+                            "opt.yaml": "defaults:\n  - optional trainng: default\n  - _self_\nloss:\n"
+                                        "  l1_weight: 0.3\n"})
+    assert "trainng/default" in _one_line_config_error(main)
+    assert kf.load_loss_weights(tmp_path / "opt.yaml") == kf.LossWeights(l1=0.3)
+
+
+def test_chain_deeper_than_sixteen_is_followed_to_the_end(tmp_path):
+    files = {"main.yaml": "defaults:\n  - c0\n  - _self_\n"}
+    for i in range(24):
+        files[f"c{i}.yaml"] = f"defaults:\n  - c{i + 1}\n  - _self_\nlevel{i}: {i}\n"
+    files["c24.yaml"] = "loss:\n  temporal_weight: 0.35\n"
+    main = _tree(tmp_path, files)
+    assert kf.load_loss_weights(main) == kf.LossWeights(temporal=0.35)
+
+
+def test_leading_slash_is_the_config_folder_not_the_filesystem(tmp_path):
+    outside = tmp_path / "elsewhere.yaml"
+    outside.write_text("loss:\n  l1_weight: 0.9\n")
+    main = _tree(tmp_path / "configs", {
+        "main.yaml": "defaults:\n  - training: t\n  - _self_\n",
+        "training/t.yaml": "defaults:\n  - /shared/loss\n  - _self_\n",
+        "shared/loss.yaml": "# @package training.loss\ntemporal_weight: 0.3\n",
+        "abs.yaml": f"defaults:\n  - {outside.with_suffix('')}\n  - _self_\n",
+    })
+    assert kf.load_loss_weights(main) == kf.LossWeights(temporal=0.3)
+    assert "Could not load" in _one_line_config_error(tmp_path / "configs" / "abs.yaml")
+
+
+def test_alias_bomb_is_refused_quickly(tmp_path):
+    # 586 bytes that expand to billions of nodes (the old loader took 21 s and 1.3 GB).
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 9):
+        lines.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]")
+    lines.append("loss:\n  temporal_weight: 0.2\n  bomb: *a8")
+    path = write(tmp_path, "\n".join(lines) + "\n")
+    assert "nodes" in _one_line_config_error(path)
+
+
+def test_alias_bomb_in_a_group_file_is_refused_before_hydra_reads_it(tmp_path):
+    bomb = "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9) if i else 'x'}]\n" for i in range(9))
+    main = _tree(tmp_path, {"main.yaml": "defaults:\n  - training: t\n", "training/t.yaml": bomb})
+    assert "nodes" in _one_line_config_error(main, culprit=tmp_path / "training" / "t.yaml")
+
+
+@pytest.mark.parametrize("text", [
+    "loss: " + "[" * 3000 + "]" * 3000 + "\n",
+    "loss: " + "[" * 30000 + "]" * 30000 + "\n",
+    "loss:\n" + "- " * 300 + "x\n",
+    "loss: " + "{a: " * 3000 + "1" + "}" * 3000 + "\n",
+    "".join("  " * i + f"k{i}:\n" for i in range(200)) + "  " * 200 + "v: 1\n",
+])
+def test_deep_nesting_is_refused(tmp_path, text):
+    assert "nested more than" in _one_line_config_error(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("text", [
+    "".join(" " * i + f"k{i}:\n" for i in range(300)) + " " * 300 + "v: 1\n",
+    "x: " + "[" * 3000 + "]" * 3000 + "\n",
+])
+def test_deep_nesting_in_a_group_file_is_refused_before_hydra_reads_it(tmp_path, text):
+    main = _tree(tmp_path, {"main.yaml": "defaults:\n  - training: t\n", "training/t.yaml": text})
+    assert "nested more than" in _one_line_config_error(main, culprit=tmp_path / "training" / "t.yaml")
+
+
+def test_brackets_in_strings_and_comments_are_not_nesting(tmp_path):
+    text = "note: '" + "[" * 100 + "'\nother: \"" + "{" * 100 + "\"  # " + "[" * 100 + "\nloss:\n  l1_weight: 0.2\n"
+    assert kf.load_loss_weights(write(tmp_path, text)) == kf.LossWeights(l1=0.2)
+
+
+def test_recursive_and_undefined_aliases(tmp_path):
+    assert "recursive alias" in _one_line_config_error(write(tmp_path, "loss: &l\n  x: *l\n"))
+    assert "no anchor" in _one_line_config_error(write(tmp_path, "loss:\n  l1_weight: *w\n"))
+
+
+def test_huge_file_is_refused_before_parsing(tmp_path):
+    path = write(tmp_path, "loss:\n  l1_weight: 0.1\n" + "# padding\n" * 20000)
+    assert "KiB" in _one_line_config_error(path)
+
+
+def test_many_nodes_are_refused(tmp_path):
+    path = write(tmp_path, "loss: {}\nbig: [" + ", ".join("0" for _ in range(12000)) + "]\n")
+    assert "nodes" in _one_line_config_error(path)
+
+
+def test_two_documents_are_refused(tmp_path):
+    assert "one document" in _one_line_config_error(write(tmp_path, "loss: {}\n---\nloss: {}\n"))
+
+
+def test_velocity_weight(tmp_path):
+    assert kf.load_loss_config(write(tmp_path, SEED_CONFIG)).velocity_weight == 0.0
+    cfg = kf.load_loss_config(write(tmp_path, "loss:\n  velocity_weight: 0.5\n"))
+    assert cfg.velocity_weight == 0.5 and cfg.weights == kf.LossWeights()
+    assert "velocity_weight" not in cfg.module_kwargs()  # the five-term module does not take it
+    with pytest.raises(kf.ConfigError, match=r"loss\.velocity_weight: .*>= 0"):
+        kf.load_loss_config(write(tmp_path, "loss:\n  velocity_weight: -1\n"))
+    with pytest.raises(TypeError, match=r"loss\.velocity_weight: .*real number"):
+        kf.load_loss_config(write(tmp_path, "loss:\n  velocity_weight: fast\n"))
+
+
+def test_a_dictconfig_is_resolved(tmp_path):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"base": 0.3, "training": {"loss": {"temporal_weight": "${base}"}}})
+    assert kf.load_loss_weights(cfg) == kf.LossWeights(temporal=0.3)
+
+
+def test_works_inside_a_running_hydra_app_and_leaves_it_alone(tmp_path):
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    main = _tree(tmp_path / "mine", {"main.yaml": "defaults:\n  - training: t\n",
+                                     "training/t.yaml": "loss:\n  l1_weight: 0.4\n"})
+    app = tmp_path / "app"
+    app.mkdir()
+    with initialize_config_dir(config_dir=str(app), version_base="1.3"):
+        before = GlobalHydra.instance().hydra
+        assert kf.load_loss_weights(main) == kf.LossWeights(l1=0.4)
+        assert GlobalHydra.instance().is_initialized() and GlobalHydra.instance().hydra is not None
+        assert GlobalHydra.instance().hydra.config_loader is not None and before is not None
+    assert not GlobalHydra.instance().is_initialized()
+
+
+def test_without_hydra_plain_files_load_and_defaults_lists_say_what_to_install(tmp_path, monkeypatch):
+    for module in ("hydra", "omegaconf"):
+        monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    assert kf.load_loss_weights(write(tmp_path, "loss:\n  temporal_weight: 0.3\n")) == kf.LossWeights(temporal=0.3)
+    main = _tree(tmp_path, {"main.yaml": "defaults:\n  - training: t\n", "training/t.yaml": "loss: {}\n"})
+    message = _one_line_config_error(main)
+    assert "hydra-core" in message and "pip install" in message
+    with pytest.raises(TypeError, match=r"temporal_weight.*'2e-1'.*omegaconf"):
+        kf.load_loss_weights(write(tmp_path, "loss:\n  temporal_weight: 2e-1\n"))
+    # Duplicate keys are caught before any loader, with or without OmegaConf.
+    assert "duplicate key" in _one_line_config_error(write(tmp_path, "loss: {}\nloss: {}\n"))
+
+
+def test_demo_config_errors_are_one_line_exit_2(tmp_path):
+    path = write(tmp_path, "loss: " + "[" * 3000 + "]" * 3000 + "\n")
+    proc = subprocess.run([sys.executable, "-m", "koemorph_fused", "demo", "--config", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nested more than" in lines[0] and "Traceback" not in proc.stderr

@@ -390,11 +390,11 @@ def test_build_reports_backends_and_architectures():
     lib = _ops.library
     registered = [
         torch._C._dispatch_has_kernel_for_dispatch_key(f"koemorph_fused::{name}", "CUDA")
-        for name in ("temporal_loss_forward", "scale_gradients")
+        for name in ("temporal_loss_forward", "scale_gradients", "scale_gradients_")
     ]
     archs = [a for a in lib.cuda_arch_list.split(",") if a]
     report = info.collect()
-    assert registered == [bool(lib.with_cuda)] * 2
+    assert registered == [bool(lib.with_cuda)] * 3
     assert report["backends"] == (["cpu", "cuda"] if lib.with_cuda else ["cpu"])
     assert report["cuda_architectures"] == archs
     if lib.with_cuda:
@@ -449,23 +449,267 @@ def test_cuda_graph_rejects_module_weights_left_on_the_cpu():
             loss_fn(data["pred"], data["target"], data["prev"], data["raw"])
 
 
+def _fresh_groups(tag):
+    """Column groups no other test uses (C = 52), so the first call builds them."""
+    return dict(mouth_indices=(3, 5, 5, -2, tag % 40 + 10), expression_indices=(7, tag % 40 + 11))
+
+
+def _reference_total(data, groups, weights=kf.LossWeights()):
+    cpu = {k: v.cpu() for k, v in data.items()}
+    return kf.reference.temporal_loss(cpu["pred"], cpu["target"], cpu["prev"], cpu["raw"],
+                                      continuity=cpu["mask"], weights=weights, **groups).total
+
+
+def _total(data, groups):
+    return kf.temporal_loss(data["pred"], data["target"], data["prev"], data["raw"],
+                            continuity=data["mask"], **groups).total
+
+
 @needs_cuda
-def test_first_call_inside_a_capture_builds_column_weights_on_the_device():
-    """Column weights not seen before are built by kernels on the device: no
-    host-to-device copy, which a stream capture forbids."""
+def test_first_call_inside_a_capture_then_an_eager_call_before_the_replay():
+    """Finding 1: a key first seen inside a capture is not cached (its tensor
+    is filled only by a replay): an eager call before any replay builds its
+    own, and the replay fills the graph's. One copy node, not ~40 kernels."""
     data = {k: v.to(DEVICE) for k, v in _graph_inputs(128, 52, 5).items()}
-    groups = dict(mouth_indices=(3, 5, 5, -2), expression_indices=(7,))  # not cached by any other test
-    loss_fn = kf.FusedKoeMorphLoss(**groups).to(DEVICE)
-    _ops._COLUMN_WEIGHTS.clear()
+    groups = _fresh_groups(1)
+    cached = set(_ops._COLUMN_WEIGHTS)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        total = loss_fn(data["pred"], data["target"], data["prev"], data["raw"], continuity=data["mask"])
+        captured = _total(data, groups)
+    assert set(_ops._COLUMN_WEIGHTS) == cached
+    eager = _total(data, groups)  # before any replay
+    want = _reference_total(data, groups)
+    assert_close(eager.cpu(), want, *TOL[torch.float32]["values"], what="eager total")
     graph.replay()
     torch.cuda.synchronize()
-    cpu = {k: v.cpu() for k, v in data.items()}
-    want = kf.reference.temporal_loss(cpu["pred"], cpu["target"], cpu["prev"], cpu["raw"], continuity=cpu["mask"],
-                                      **groups).total
-    assert_close(total.cpu(), want, *TOL[torch.float32]["values"], what="total")
+    assert_close(captured.cpu(), want, *TOL[torch.float32]["values"], what="replayed total")
+
+
+@needs_cuda
+def test_first_call_on_a_delayed_side_stream_then_on_the_default_stream():
+    """Finding 2: the cached column weights are complete when cached, whatever
+    stream reads them next."""
+    data = {k: v.to(DEVICE) for k, v in _graph_inputs(256, 52, 8).items()}
+    groups = _fresh_groups(2)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # the side stream is busy for a while
+        _total(data, groups)  # builds and caches the key
+    got = _total(data, groups)  # default stream, not ordered after the side stream
+    assert_close(got.cpu(), _reference_total(data, groups), *TOL[torch.float32]["values"], what="total")
+    torch.cuda.synchronize()
+
+
+@needs_cuda
+def test_a_no_grad_graph_survives_many_more_keys_and_allocations():
+    """Finding 3: a graph captured under no_grad reads the cached column
+    weights, which nothing else owns: 257 more keys must not evict (free)
+    them, and memory allocated afterwards must not overwrite them."""
+    data = {k: v.to(DEVICE) for k, v in _graph_inputs(128, 52, 9).items()}
+    groups = _fresh_groups(3)
+    keys_before = set(_ops._COLUMN_WEIGHTS)
+    try:
+        with torch.no_grad():
+            _total(data, groups)  # cached outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = _total(data, groups)
+            cached = set(_ops._COLUMN_WEIGHTS) - keys_before
+            for i in range(257):
+                kf.temporal_loss(data["pred"][:, :40], data["target"][:, :40], mouth_indices=(i % 40,),
+                                 expression_indices=(i // 40,))
+        assert cached <= set(_ops._COLUMN_WEIGHTS)  # nothing evicted
+        torch.cuda.empty_cache()
+        junk = [torch.full((1 << 20,), float("nan"), device=DEVICE) for _ in range(64)]
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(captured.cpu(), _reference_total(data, groups), *TOL[torch.float32]["values"], what="total")
+        del junk
+    finally:  # leave room in the cache for the other tests
+        for key in set(_ops._COLUMN_WEIGHTS) - keys_before:
+            del _ops._COLUMN_WEIGHTS[key]
+
+
+def _replay_device_events(graph):
+    """Names of the kernels and copies that one replay of `graph` runs."""
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@needs_cuda
+def test_a_first_call_inside_a_capture_adds_few_nodes():
+    """Finding 6: the loss with column weights first built inside the capture
+    replays as the copy of the column weights, the workspace memset, the mask
+    pre-kernel and the forward kernel."""
+    data = {k: v.to(DEVICE) for k, v in _graph_inputs(128, 52, 10).items()}
+    with torch.no_grad():
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            _total(data, _fresh_groups(4))
+    events = _replay_device_events(graph)
+    assert any("forward_kernel" in e for e in events) and len(events) <= 5, events
+
+
+@needs_cuda
+def test_double_backward_with_cpu_weights_has_no_host_sync_and_captures():
+    """Finding 4: the create_graph linearisation with the default CPU
+    LossWeights copies nothing host-to-device (no sync, legal in a capture)."""
+    data = {k: v.to(DEVICE) for k, v in _graph_inputs(256, 52, 11).items()}
+    v = torch.rand_like(data["pred"])
+
+    def step():
+        pred = data["pred"].detach().requires_grad_()
+        out = kf.temporal_loss(pred, data["target"], data["prev"], data["raw"], continuity=data["mask"])
+        (g,) = torch.autograd.grad(out.total, pred, create_graph=True)
+        (hv,) = torch.autograd.grad((g * v).sum(), pred)
+        return hv
+
+    eager = step()  # warm-up: caches the column weights
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(again, eager)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+
+
+def _backward_allocations(pred, target, grad_output, retain):
+    out = kf.temporal_loss(pred, target)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    grads = torch.autograd.grad(out.total, (pred, target), grad_outputs=grad_output, retain_graph=retain)
+    torch.cuda.synchronize()
+    return grads, torch.cuda.memory_stats()["allocation.all.allocated"] - before
+
+
+@needs_cuda
+@pytest.mark.parametrize("factor", [1.0, 65536.0])
+def test_backward_hands_the_saved_gradients_over(factor):
+    """Finding 7: a backward that frees its graph scales in place and returns
+    the saved gradients (no new gradient buffers), for grad_output 1 and for a
+    GradScaler's factor; a retained graph allocates new ones. Same bits."""
+    pred = torch.rand(4096, 52, device=DEVICE, requires_grad=True)
+    target = torch.rand(4096, 52, device=DEVICE, requires_grad=True)
+    go = torch.tensor(factor, device=DEVICE)
+    _backward_allocations(pred, target, go, False)  # warm-up
+    handed, handed_allocs = _backward_allocations(pred, target, go, False)
+    scaled, scaled_allocs = _backward_allocations(pred, target, go, True)
+    assert all(torch.equal(a, b) for a, b in zip(handed, scaled))
+    assert scaled_allocs >= handed_allocs + 2, (handed_allocs, scaled_allocs)
+
+
+@needs_cuda
+def test_in_place_scaling_with_grad_output_one_captures_and_writes_nothing():
+    g = torch.rand(3, 7, 52, device=DEVICE)
+    before = g.clone()
+    go = torch.tensor(1.0, device=DEVICE)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.ops.koemorph_fused.scale_gradients_(go, [g])
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(g, before)
+    go.fill_(2.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(g, 2 * before)
+
+
+@needs_cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA device")
+def test_second_device_while_the_first_is_current():
+    """Inputs, mask and weights on cuda:1 while cuda:0 is current: the kernels
+    run on cuda:1 (eager, backward, and captured on a cuda:1 stream)."""
+    assert torch.cuda.current_device() == 0
+    host = _graph_inputs(300, 52, 12)
+    data = {k: v.to("cuda:1") for k, v in host.items()}
+    loss_fn = kf.FusedKoeMorphLoss().to("cuda:1")
+    pred = data["pred"].clone().requires_grad_()
+    total = loss_fn(pred, data["target"], data["prev"], data["raw"], continuity=data["mask"])
+    total.backward()
+    want_total, _, want_gp, _ = _cpu_expected(host)
+    assert total.device == torch.device("cuda:1") and pred.grad.device == torch.device("cuda:1")
+    assert_close(total.detach().cpu(), want_total, *TOL[torch.float32]["values"], what="total")
+    assert_close(pred.grad.cpu(), want_gp, *TOL[torch.float32]["grads"], what="grad_pred")
+    stream = torch.cuda.Stream(device="cuda:1")
+    stream.wait_stream(torch.cuda.current_stream("cuda:1"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        captured = loss_fn(data["pred"], data["target"], data["prev"], data["raw"], continuity=data["mask"])
+    graph.replay()
+    torch.cuda.synchronize("cuda:1")
+    assert torch.cuda.current_device() == 0
+    assert_close(captured.cpu(), want_total, *TOL[torch.float32]["values"], what="captured total")
+
+
+@needs_cuda
+def test_more_than_2_31_elements_in_bfloat16():
+    """64-bit indexing: R*C > 2^31. Every row is the same, so the terms are
+    those of one row and every row's gradient is one row's divided by R."""
+    free, _ = torch.cuda.mem_get_info()
+    cols = 52
+    rows = (1 << 31) // cols + 1000
+    if free < 10 * rows * cols:  # pred, target and two gradients in bfloat16
+        pytest.skip(f"needs about {10 * rows * cols >> 30} GiB of free GPU memory")
+    row = rand((1, cols), torch.bfloat16, DEVICE)
+    other = rand((1, cols), torch.bfloat16, DEVICE)
+    pred = row.expand(rows, cols).contiguous()
+    target = other.expand(rows, cols).contiguous()
+    out = forward(pred, target, other.expand(rows, cols), other.expand(rows, cols), grads=(True, True, False))
+    one = forward(row, other, other, other, grads=(True, True, False))
+    assert_close(out[1].cpu(), one[1].cpu(), *TOL[torch.bfloat16]["values"], what="terms")
+    for name, g, g1 in (("grad_pred", out[2], one[2]), ("grad_target", out[3], one[3])):
+        want = (g1.float() / rows).to(torch.bfloat16)
+        for part in (g[:1], g[rows // 2: rows // 2 + 1], g[-1:]):
+            atol = 2e-2 * want.float().abs().max().item()  # rounded twice: relative to the row's scale
+            assert_close(part.float().cpu(), want.float().cpu(), 1.6e-2, atol, what=name)
+    del target
+    go = torch.tensor(4.0, device=DEVICE)
+    tail = out[2][-1].clone()
+    torch.ops.koemorph_fused.scale_gradients_(go, [out[2]])  # in place, numel > 2^31
+    assert torch.equal(out[2][-1], tail * 4)
+
+
+ALL_MASK_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+                   torch.bfloat16, torch.float32, torch.float64, torch.uint16, torch.uint32, torch.uint64,
+                   torch.float8_e4m3fn]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("mask_dtype", ALL_MASK_DTYPES, ids=str)
+def test_masks_of_every_dtype_with_half_and_double_inputs(dtype, mask_dtype):
+    args, _ = make_inputs(300, 52, dtype, mask=False)
+    mask = torch.rand(300, device=DEVICE) > 0.4
+    got = forward(*args, mask=mask.to(mask_dtype))
+    want = forward(*args, mask=mask.to(_ops.accumulation_dtype(dtype)))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert_same_as_cpu(got, args, {"mask": mask.to(_ops.accumulation_dtype(dtype))}, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_three_dimensional_pred_with_a_non_contiguous_mask(dtype):
+    batch, time, cols = 6, 33, 52
+    pred, target, prev, raw = (rand((batch, time, cols), dtype, DEVICE) for _ in range(4))
+    mask = (torch.rand(time, batch, device=DEVICE) > 0.3).t()  # (batch, time), not contiguous
+    assert not mask.is_contiguous()
+    out = forward(pred, target, prev, raw, mask=mask)
+    assert out[2].shape == pred.shape
+    assert_same_as_cpu(out, (pred, target, prev, raw), {"mask": mask}, dtype)
 
 
 @needs_cuda

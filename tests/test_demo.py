@@ -14,6 +14,7 @@ import yaml
 
 import koemorph_fused as kf
 from koemorph_fused import cli
+from koemorph_fused.run_log import read_csv
 from koemorph_fused.demo.data import COLUMNS, LAYOUT, SIGNAL_COLUMNS, WINDOW, SyntheticFile, WindowStreams, make_corpus
 from koemorph_fused.demo.model import TemporalBlendshapeModel, TemporalSmoothing
 from koemorph_fused.demo.train import EXPECTED_TOTAL, GROUPS, DemoConfig, demo_run, train
@@ -446,6 +447,32 @@ def test_cli_demo_passes_with_config_plot_and_reference_run(tmp_path, capsys):
     # the table shows the rescaled weights: late temporal = 0.3 * 0.4 / 0.2
     late_line = [line for line in out.splitlines() if line.strip().startswith("2 late")][0]
     assert " 0.600 " in late_line
+
+
+def test_cli_demo_writes_a_run_csv_that_plot_draws(tmp_path, capsys):
+    run_csv = tmp_path / "run.csv"
+    run_csv.write_text("an older file, replaced\n")
+    assert cli.main(TINY_ARGS + ["--csv", str(run_csv)]) == 0
+    out = capsys.readouterr().out
+    assert f"run CSV: {run_csv} (9 rows" in out
+    rows = read_csv(run_csv)
+    assert [row["step"] for row in rows] == list(range(9))
+    assert [row["epoch"] for row in rows] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert all(math.isfinite(row["total"]) and row["phase"] in ("early", "mid", "late") for row in rows)
+    png = tmp_path / "run.png"
+    assert cli.main(["plot", str(run_csv), "-o", str(png)]) == 0
+    assert "9 steps (0..8)" in capsys.readouterr().out
+    assert png.stat().st_size > 10_000
+    # A second run replaces the first: one run of 9 steps again, not 18.
+    assert cli.main(TINY_ARGS + ["--csv", str(run_csv)]) == 0
+    assert len(read_csv(run_csv)) == 9
+
+
+def test_cli_demo_csv_must_be_writable(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(TINY_ARGS + ["--csv", str(tmp_path / "missing" / "run.csv")])
+    assert exc.value.code == 2
+    assert "argument --csv" in capsys.readouterr().err
 
 
 def test_cli_demo_fails_on_a_planted_bug(monkeypatch, capsys):

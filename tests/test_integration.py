@@ -109,12 +109,15 @@ def test_cpu_step_allocates_only_gradients_and_scalars():
     assert after["in_use_bytes"] >= 2 * grad_bytes  # pred.grad and raw.grad are pool buffers
     assert pred.grad.data_ptr() != raw.grad.data_ptr()
 
-    # Any other grad_output takes the scaling pass: two more pool buffers.
-    before = lib.cpu_buffer_pool_stats()
-    pred.grad = raw.grad = None
-    (2 * kf.temporal_loss(pred, target, prev, raw).total).backward()
-    after = lib.cpu_buffer_pool_stats()
-    assert (after["hits"] + after["misses"]) - (before["hits"] + before["misses"]) == 4
+    # Any other grad_output (a GradScaler's factor) scales them in place:
+    # still two pool buffers. A retained graph takes the out-of-place
+    # scaling pass: two more.
+    for retain, buffers in ((False, 2), (True, 4)):
+        before = lib.cpu_buffer_pool_stats()
+        pred.grad = raw.grad = None
+        (2 * kf.temporal_loss(pred, target, prev, raw).total).backward(retain_graph=retain)
+        after = lib.cpu_buffer_pool_stats()
+        assert (after["hits"] + after["misses"]) - (before["hits"] + before["misses"]) == buffers
 
 
 def test_buffer_pool_empty_cache_and_limit():

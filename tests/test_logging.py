@@ -132,8 +132,9 @@ def test_bad_log_targets(tmp_path, monkeypatch):
         kf.LossMonitor(csv=3)
     with pytest.raises(TypeError, match="tensorboard must be a log directory"):
         kf.LossMonitor(tensorboard=3)
+    (tmp_path / "a_file").write_text("")
     with pytest.raises(OSError, match="cannot open run CSV"):
-        kf.LossMonitor(csv=tmp_path / "missing_dir" / "run.csv")
+        kf.LossMonitor(csv=tmp_path / "a_file" / "run.csv")
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(ImportError, match="pip install tensorboard"):
         kf.LossMonitor(tensorboard=tmp_path / "tb")
@@ -277,3 +278,221 @@ def test_an_existing_file_that_is_not_utf8_is_refused_by_name(tmp_path):
     path.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(ValueError, match=r"binary\.csv.*not UTF-8"):
         kf.LossMonitor(csv=path)
+
+
+# --- A monitor that loses nothing (issue 18) ------------------------------------------------------
+
+def _loss(value=0.5):
+    return kf.temporal_loss(torch.full((2, 52), value), torch.zeros(2, 52))
+
+
+def _steps_after_one_more_record(path):
+    """Record one step with a new monitor on the CSV, leave its with block, and read the steps back."""
+    with kf.LossMonitor(csv=path) as mon:
+        mon.record(_loss())
+    return [r["step"] for r in read_csv(path)]
+
+
+def test_the_csv_folder_is_created(tmp_path):
+    assert _steps_after_one_more_record(tmp_path / "runs" / "exp1" / "run.csv") == [0]
+
+
+def test_leaving_with_flushes(tmp_path):
+    path = tmp_path / "run.csv"
+    with kf.LossMonitor(csv=path) as mon:
+        for _ in range(3):
+            mon.record(_loss())
+    assert len(mon) == 0 and [r["step"] for r in read_csv(path)] == [0, 1, 2]
+
+
+def test_leaving_with_on_an_error_still_writes_the_records(tmp_path):
+    path = tmp_path / "run.csv"
+    with pytest.raises(KeyError):
+        with kf.LossMonitor(csv=path) as mon:
+            mon.record(_loss())
+            raise KeyError("training crashed")
+    assert len(read_csv(path)) == 1
+
+
+def test_close_without_flush_warns_about_the_dropped_records(tmp_path):
+    mon = kf.LossMonitor(csv=tmp_path / "run.csv")
+    mon.record(_loss())
+    with pytest.warns(RuntimeWarning, match="1 records never flushed"):
+        mon.close()
+
+
+class _FailingOnce:
+    """A SummaryWriter stand-in whose first flush fails (a full disk, a lost connection)."""
+
+    def __init__(self):
+        self.scalars, self.fail = [], True
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, step))
+
+    def add_text(self, *args):
+        pass
+
+    def flush(self):
+        if self.fail:
+            self.fail = False
+            raise OSError(28, "No space left on device")
+
+
+def test_a_failed_flush_keeps_its_records_and_a_retry_writes_each_row_once(tmp_path):
+    path = tmp_path / "run.csv"
+    writer = _FailingOnce()
+    mon = kf.LossMonitor(csv=path, tensorboard=writer)
+    mon.record(_loss(0.5))
+    mon.record(_loss(2.0))
+    with pytest.raises(OSError, match="No space"):
+        mon.flush()
+    assert len(mon) == 2  # nothing lost
+    mon.record(_loss(0.1))
+    rows = mon.flush()
+    assert [r["step"] for r in rows] == [0, 1, 2] and len(mon) == 0
+    assert rows[1]["flags"] == ["divergence"]
+    mon.close()
+    # The CSV took the first two rows before TensorBoard failed: the retry did not write them again.
+    assert [r["step"] for r in read_csv(path)] == [0, 1, 2]
+    assert [step for tag, step in writer.scalars if tag == "loss/total"] == [0, 1, 0, 1, 2]
+
+
+def test_a_failed_csv_write_is_cut_back_off_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "run.csv"
+    mon = kf.LossMonitor(csv=path)
+    mon.record(_loss())
+    mon.flush()
+    before = path.read_bytes()
+    log = mon._csv
+    real_write = log._file.write
+
+    def torn_write(data):  # half the bytes reach the file, then the disk is full
+        real_write(data[: len(data) // 2])
+        log._file.flush()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(log._file, "write", torn_write, raising=False)
+    mon.record(_loss())
+    with pytest.raises(OSError):
+        mon.flush()
+    assert path.read_bytes() == before  # no half row left behind
+    monkeypatch.undo()
+    mon.flush()
+    mon.close()
+    assert [r["step"] for r in read_csv(path)] == [0, 1]
+
+
+def test_a_torn_last_line_is_repaired_on_append_and_skipped_on_read(tmp_path):
+    path = tmp_path / "run.csv"
+    with kf.LossMonitor(csv=path) as mon:
+        for _ in range(3):
+            mon.record(_loss())
+    text = path.read_text()
+    path.write_text(text[: text.rindex("\n", 0, len(text) - 1) + 15])  # the last row cut after 14 characters
+    with pytest.warns(RuntimeWarning, match=r"run\.csv:4: the last line is cut short"):
+        assert [r["step"] for r in read_csv(path)] == [0, 1]
+    with pytest.warns(RuntimeWarning, match=r"run\.csv: its last line was cut short.*removed"):
+        mon = kf.LossMonitor(csv=path)
+    with mon:
+        mon.record(_loss())
+    lines = path.read_text().splitlines()
+    assert len(lines) == 4 and all(line.count(",") == len(CSV_COLUMNS) - 1 for line in lines)
+    assert [r["step"] for r in read_csv(path)] == [0, 1, 2]  # never glued onto the torn line
+
+
+def test_a_torn_header_is_repaired(tmp_path):
+    path = tmp_path / "run.csv"
+    path.write_text("step,epoch,ph")
+    with pytest.warns(RuntimeWarning, match="cut short"):
+        assert _steps_after_one_more_record(path) == [0]
+
+
+def test_two_writers_on_one_csv_are_refused(tmp_path):
+    path = tmp_path / "run.csv"
+    with kf.LossMonitor(csv=path) as first:
+        with pytest.raises(ValueError, match=r"run\.csv: another LossMonitor is writing this run CSV"):
+            kf.LossMonitor(csv=path)
+        script = ("import koemorph_fused as kf, sys\n"
+                  "try:\n    kf.LossMonitor(csv=sys.argv[1])\nexcept ValueError as e:\n    print(e)\n")
+        proc = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
+        assert "another LossMonitor is writing" in proc.stdout
+        first.record(_loss())
+    assert _steps_after_one_more_record(path) == [0, 1]  # the lock went with the first monitor
+
+
+def test_appending_continues_the_steps_in_csv_and_tensorboard_alike(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path, logdir = tmp_path / "run.csv", tmp_path / "tb"
+    for _ in range(2):
+        with kf.LossMonitor(csv=path, tensorboard=logdir) as mon:
+            for _ in range(3):
+                mon.record(_loss())
+    assert [r["step"] for r in read_csv(path)] == list(range(6))
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    assert sorted(e.step for e in acc.Scalars("loss/total")) == list(range(6))
+    # TensorBoard alone continues too.
+    with kf.LossMonitor(tensorboard=logdir) as mon:
+        mon.record(_loss())
+        assert mon.flush()[0]["step"] == 6
+
+
+def test_sequence_records_get_a_velocity_column(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path, logdir = tmp_path / "seq.csv", tmp_path / "tb"
+    terms = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], dtype=torch.float64)
+    with kf.LossMonitor(csv=path, tensorboard=logdir) as mon:
+        mon.record(kf.LossOutput(terms.sum(), terms), stride=1)
+        with pytest.raises(ValueError, match="6-term losses; got 5"):
+            mon.record(_loss())
+        (row,) = mon.flush()
+    assert row["velocity"] == 0.6 and row["smoothing"] == 0.5
+    assert path.read_text().splitlines()[0].split(",")[5:12] == [
+        "mse", "l1", "perceptual", "temporal", "smoothing", "velocity", "total"]
+    (back,) = read_csv(path)
+    assert back["velocity"] == 0.6 and back["total"] == pytest.approx(2.1)
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    assert acc.Scalars("loss/velocity")[0].value == pytest.approx(0.6)
+    # A five-term file takes no six-term record, and the reverse.
+    five = tmp_path / "five.csv"
+    with kf.LossMonitor(csv=five) as mon:
+        mon.record(_loss())
+    assert "velocity" not in read_csv(five)[0]
+    with kf.LossMonitor(csv=five) as mon:
+        with pytest.raises(ValueError, match=r"five\.csv: its rows have five terms, this record 6"):
+            mon.record(kf.LossOutput(terms.sum(), terms))
+    fig = plot_run(path)
+    assert "velocity" in [line.get_label() for line in fig.axes[0].lines]
+
+
+def test_cli_plot_never_writes_over_its_input(tmp_path, capsys):
+    path = tmp_path / "run.png"  # a run CSV under an image's name
+    with kf.LossMonitor(csv=path) as mon:
+        mon.record(_loss())
+    before = path.read_bytes()
+    for argv in (["plot", str(path)], ["plot", str(path), "-o", str(path)]):
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        assert info.value.code == 2
+        assert "would write over its input" in capsys.readouterr().err
+    assert path.read_bytes() == before
+    with pytest.raises(ValueError, match="would write over"):
+        plot_run(path, path)
+
+
+def test_cli_plot_draws_a_csv_with_a_torn_last_line_and_says_so(tmp_path, capsys):
+    path = tmp_path / "run.csv"
+    with kf.LossMonitor(csv=path) as mon:
+        for _ in range(3):
+            mon.record(_loss())
+    text = path.read_text()
+    path.write_text(text[:-20])  # the run was killed while writing its last row
+    assert cli.main(["plot", str(path), "-o", str(tmp_path / "run.png")]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line]
+    assert len(warnings) == 1 and "warning" in warnings[0] and "cut short" in warnings[0]
+    assert "2 steps (0..1)" in captured.out and (tmp_path / "run.png").stat().st_size > 0

@@ -23,10 +23,10 @@
 // V = 1. A row whose width is not a multiple of V ends in a partial item read
 // element by element. The per-element math is loss_math.h's, on scalars.
 #include <algorithm>
-#include <cfloat>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 
 #include <ATen/ATen.h>
@@ -108,11 +108,10 @@ __device__ __forceinline__ void load_weights(const ForwardParams<scalar_t, grad_
                                              double (&w)[kNumTerms]) {
 #pragma unroll
   for (int i = 0; i < kNumTerms; ++i) {
-    const double v = p.weights_dev ? p.weights_dev[i] : p.weights[i];
     // Weights on the device cannot be checked without a host sync (host ones
-    // are, in prepare_inputs): one that is not finite and > 0 counts as 0 in
-    // the total AND in every gradient, so the two always agree.
-    w[i] = (v > 0.0 && v <= DBL_MAX) ? v : 0.0;
+    // are, in prepare_inputs): effective_weight() makes one that is not
+    // finite and > 0 count as 0 in the total AND in every gradient.
+    w[i] = effective_weight(p.weights_dev ? p.weights_dev[i] : p.weights[i]);
   }
 }
 
@@ -236,7 +235,8 @@ __global__ void __launch_bounds__(kThreads, kForwardMinBlocks)
 
 // ---------------------------------------------------------------------------
 // Backward: out = saved * grad_output, all three tensors in one launch
-// (blockIdx.y picks the tensor); grad_output is read on the device.
+// (blockIdx.y picks the tensor); grad_output is read on the device. In place
+// (scale_gradients_), out is saved.
 
 enum GradOutputKind : int { kGoFloat = 0, kGoDouble = 1, kGoHalf = 2, kGoBFloat16 = 3 };
 
@@ -262,6 +262,7 @@ struct ScaleParams {
   int64_t numel0, numel1, numel2;
   const void* grad_output;
   int grad_output_kind;
+  bool unit_is_noop;  // in place (src == dst): a grad_output of 1 writes nothing
 };
 
 template <typename src_t, typename dst_t, int V>
@@ -273,6 +274,7 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(const ScaleParams<src_t
   const int64_t n = which == 0 ? p.numel0 : which == 1 ? p.numel1 : p.numel2;
   if (src == nullptr) return;
   const acc_t go = read_grad_output<acc_t>(p.grad_output, p.grad_output_kind);
+  if (p.unit_is_noop && go == acc_t(1)) return;  // decided on the device: no host sync
 
   const int64_t vectors = n / V;
   const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
@@ -588,11 +590,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_gradients_cuda(const at::Te
   return {out[0], out[1], out[2]};
 }
 
+// In place, three tensors per launch (src == dst: each element is read by the
+// thread that writes it). The launch happens even for a grad_output of 1,
+// which only the device knows; then every block returns after one read.
+template <typename scalar_t>
+void run_scale_in_place_typed(const at::Tensor& grad_output, at::TensorList grads,
+                              cudaStream_t stream) {
+  ScaleParams<scalar_t, scalar_t> p{};
+  const scalar_t** src[3] = {&p.src0, &p.src1, &p.src2};
+  scalar_t** dst[3] = {&p.dst0, &p.dst1, &p.dst2};
+  int64_t* numel[3] = {&p.numel0, &p.numel1, &p.numel2};
+  p.grad_output = grad_output.const_data_ptr();
+  p.grad_output_kind = grad_output_kind(grad_output.scalar_type());
+  p.unit_is_noop = true;
+  int n = 0;
+  auto run = [&] {
+    run_scale<scalar_t, scalar_t>(p, stream);
+    for (int i = 0; i < 3; ++i) *src[i] = nullptr, *dst[i] = nullptr, *numel[i] = 0;
+    n = 0;
+  };
+  for (const at::Tensor& g : grads) {
+    if (g.numel() == 0) continue;
+    *dst[n] = static_cast<scalar_t*>(g.mutable_data_ptr());
+    *src[n] = *dst[n];
+    *numel[n] = g.numel();
+    if (++n == 3) run();
+  }
+  if (n > 0) run();
+}
+
+void scale_gradients_in_place_cuda(const at::Tensor& grad_output, at::TensorList grads) {
+  const std::optional<at::ScalarType> dtype = check_scale_gradients_in_place(grad_output, grads);
+  if (!dtype) return;  // nothing to scale, no launch
+  TORCH_CHECK_VALUE(grad_output.is_cuda(), "grad_output must be on the device of grads");
+  const c10::cuda::CUDAGuard guard(grad_output.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  switch (*dtype) {
+    case at::kFloat: run_scale_in_place_typed<float>(grad_output, grads, stream); break;
+    case at::kDouble: run_scale_in_place_typed<double>(grad_output, grads, stream); break;
+    case at::kHalf: run_scale_in_place_typed<c10::Half>(grad_output, grads, stream); break;
+    case at::kBFloat16: run_scale_in_place_typed<c10::BFloat16>(grad_output, grads, stream); break;
+    default: TORCH_CHECK_TYPE(false, "koemorph_fused (CUDA): unsupported dtype ", *dtype);
+  }
+}
+
 }  // namespace gpu
 
 TORCH_LIBRARY_IMPL(koemorph_fused, CUDA, m) {
   m.impl("temporal_loss_forward", &gpu::temporal_loss_forward_cuda);
   m.impl("scale_gradients", &gpu::scale_gradients_cuda);
+  m.impl("scale_gradients_", &gpu::scale_gradients_in_place_cuda);
 }
 
 }  // namespace koemorph_fused

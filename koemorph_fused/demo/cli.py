@@ -14,16 +14,18 @@ import time
 
 import torch
 
-from ..cli_args import CommandLineError, float_arg, int_arg, plot_file, seed_arg, thread_count
+from ..cli_args import CommandLineError, float_arg, int_arg, output_file, plot_file, seed_arg, thread_count
 from ..config import load_loss_weights
 from ..reference import KoeMorphTemporalLoss
 from ..schedule import TrainingSchedule
 from .data import WINDOW, make_corpus
+from ..terms import SEQUENCE_TERM_NAMES
 from .report import chaos_summary, epoch_table, median_us, plot, verdict_table
+from .sequence import SEQUENCE_WINDOW, VELOCITY_WEIGHT, sequence_run
 from .train import CALIBRATION_NOTE, DTYPES, EXPECTED_TOTAL, GROUPS, GROUPS_NOTE, DemoConfig, demo_run, train
 
 #: Upper bounds of the sizes (beyond them the demo stops being a demo: memory, hours).
-MAX_EPOCHS, MAX_STEPS, MAX_BATCH, MAX_HIDDEN, MAX_FILES = 10_000, 100_000, 1024, 1024, 1000
+MAX_EPOCHS, MAX_STEPS, MAX_BATCH, MAX_HIDDEN, MAX_FILES, MAX_WINDOW = 10_000, 100_000, 1024, 1024, 1000, 4096
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(TrainingSchedule.from_base); the perceptual groups stay the demo's")
     parser.add_argument("--plot", metavar="FILE.png", type=plot_file,
                         help="save the term curves and the per-step error/tolerance ratios to this image")
+    parser.add_argument("--csv", metavar="RUN.csv", type=output_file,
+                        help="write the fused run's monitor rows (one per step: epoch, phase, stride, the five terms, "
+                             "total, flags) to this CSV, replacing it; draw it with: koemorph-fused plot RUN.csv")
     parser.add_argument("--reference-run", action="store_true",
                         help="also train a second model on the reference loss (same seed) and show its curves next "
                              "to the fused run's (--plot) and how far they drift apart; a picture, not the verdict")
@@ -72,9 +77,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=thread_count, default=1,
                         help="torch intra-op threads, 1..the machine's CPUs (default 1: the tensors are small)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    seq = parser.add_argument_group(
+        "windows of frames",
+        "--sequence trains a GRU that predicts every frame of (B, T, 52) windows with "
+        "kf.FusedKoeMorphSequenceLoss: consecutive windows of each file, the file's last window padded "
+        "(lengths), prev/prev_target carried from the stream's previous window, continuity 0 where a window "
+        "starts a file, a velocity term. The reference (kf.reference.KoeMorphSequenceLoss) gets the same outputs "
+        "at every step: six terms, total, d/d pred, d/d raw and the counts are compared, with the same PASS/FAIL "
+        "rule. The schedule gives the five weights per epoch; --batch, --hidden, --lr, --dtype, --epochs, "
+        "--steps-per-epoch, --seed, --files and --config apply as above.")
+    seq.add_argument("--sequence", action="store_true",
+                     help="train on windows of frames with the fused sequence loss (see above)")
+    seq.add_argument("--window", type=int_arg(1, MAX_WINDOW), default=None,
+                     help=f"with --sequence: frames per window T (default {SEQUENCE_WINDOW})")
+    seq.add_argument("--velocity-weight", type=float_arg(0.0), default=None,
+                     help=f"with --sequence: weight of the velocity term, >= 0 (default {VELOCITY_WEIGHT:g})")
 
 
-def _schedule_summary(schedule: TrainingSchedule) -> str:
+def _schedule_summary(schedule: TrainingSchedule, with_strides: bool = True) -> str:
     parts = []
     spans = (("early", 0, schedule.mid_start), ("mid", schedule.mid_start, schedule.late_start),
              ("late", schedule.late_start, schedule.total_epochs))
@@ -83,7 +103,8 @@ def _schedule_summary(schedule: TrainingSchedule) -> str:
             continue
         strides = [schedule.at(e).stride for e in range(lo, hi)]
         stride = str(strides[0]) if len(set(strides)) == 1 else f"{strides[0]}->{strides[-1]}"
-        parts.append(f"{name} {lo}-{hi - 1} (stride {stride})" if hi - lo > 1 else f"{name} {lo} (stride {stride})")
+        epochs = f"{name} {lo}-{hi - 1}" if hi - lo > 1 else f"{name} {lo}"
+        parts.append(f"{epochs} (stride {stride})" if with_strides else epochs)
     return ", ".join(parts)
 
 
@@ -91,6 +112,14 @@ def main(args: argparse.Namespace) -> int:
     """Checks what the parser could not (CUDA present, config readable), then runs."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CommandLineError("--device cuda: no CUDA device is available")
+    if args.sequence:
+        for flag, given in (("--plot", args.plot), ("--reference-run", args.reference_run), ("--csv", args.csv)):
+            if given:
+                raise CommandLineError(f"{flag} is for the row demo; --sequence does not take it")
+    else:
+        for flag, given in (("--window", args.window), ("--velocity-weight", args.velocity_weight)):
+            if given is not None:
+                raise CommandLineError(f"{flag} needs --sequence")
     base = None
     if args.config:
         try:
@@ -115,11 +144,20 @@ def _run(args: argparse.Namespace, base) -> int:
                      base_weights=base)
     schedule = cfg.schedule()
     total_steps = cfg.epochs * cfg.steps_per_epoch
-    print(f"koemorph-fused demo: {len(corpus)} synthetic files ({', '.join(str(f.num_frames) for f in corpus)} "
-          f"frames), {cfg.batch} streams x {WINDOW}-frame windows, GRU {cfg.hidden}, "
-          f"{cfg.epochs} epochs x {cfg.steps_per_epoch} steps, {cfg.device} {cfg.dtype}, "
+    window = (args.window or SEQUENCE_WINDOW) if args.sequence else WINDOW
+    velocity_weight = VELOCITY_WEIGHT if args.velocity_weight is None else args.velocity_weight
+    print(f"koemorph-fused demo{' --sequence' if args.sequence else ''}: {len(corpus)} synthetic files "
+          f"({', '.join(str(f.num_frames) for f in corpus)} frames), {cfg.batch} streams x {window}-frame windows, "
+          f"GRU {cfg.hidden}, {cfg.epochs} epochs x {cfg.steps_per_epoch} steps, {cfg.device} {cfg.dtype}, "
           f"{torch.get_num_threads()} thread(s), seed {cfg.seed}")
-    print(f"schedule: {_schedule_summary(schedule)}")
+    if args.sequence:
+        print(f"windows of frames: every frame predicted; consecutive windows of a file (the last one padded: "
+              f"lengths), prev/prev_target from the stream's previous window, continuity 0 where a window starts "
+              f"a file; velocity_weight {velocity_weight:g}")
+        print(f"schedule: {_schedule_summary(schedule, with_strides=False)} (the phases' weights; the windows follow "
+              f"each other, no stride)")
+    else:
+        print(f"schedule: {_schedule_summary(schedule)}")
     print("weights: " + ("the seed's sparse/dense presets" if base is None else
                          f"presets rescaled to {args.config}: " + ", ".join(
                              f"{k}={v:g}" for k, v in base.to_config().items())))
@@ -140,8 +178,15 @@ def _run(args: argparse.Namespace, base) -> int:
 
         return bar, on_epoch
 
+    if args.csv:
+        open(args.csv, "w").close()  # a new run: the monitor would continue an existing run CSV
     bar, on_epoch = progress("fused")
-    fused = demo_run(cfg, corpus, on_step=bar.update, on_epoch=on_epoch)
+    if args.sequence:
+        fused = sequence_run(cfg, corpus, window=window, velocity_weight=velocity_weight, on_step=bar.update,
+                             on_epoch=on_epoch)
+        bar.close()
+        return _sequence_report(fused, cfg, schedule, start)
+    fused = demo_run(cfg, corpus, on_step=bar.update, on_epoch=on_epoch, csv=args.csv)
     bar.close()
     runs = [fused]
     if args.reference_run:
@@ -174,12 +219,42 @@ def _run(args: argparse.Namespace, base) -> int:
     if args.plot:
         plot(args.plot, runs, schedule, cfg.steps_per_epoch)
         print(f"plot: {args.plot}")
+    if args.csv:
+        print(f"run CSV: {args.csv} ({len(fused.rows)} rows; draw it with: koemorph-fused plot {args.csv})")
     print(f"wall time: {time.perf_counter() - start:.1f} s")
-    dtype = cfg.dtype
+    return _verdict_line(verdict, cfg.dtype, "five terms, total, d/d pred, d/d raw")
+
+
+def _sequence_report(fused, cfg: DemoConfig, schedule: TrainingSchedule, start: float) -> int:
+    """What ``demo --sequence`` prints after training; returns the exit status."""
+    verdict = fused.verdict
+    print()
+    print("per-epoch means (stride = frames per window; trans = steps where a window started a file)")
+    print(epoch_table(fused.rows, schedule, SEQUENCE_TERM_NAMES))
+    print()
+    print("fused vs reference at every step, on the same model outputs "
+          "(worst error/tolerance over the steps; PASS needs <= 1):")
+    print(verdict_table(verdict))
+    print("  velocity: plus its residual's cancellation, bounded from the step's data (velocity_floors in "
+          "koemorph_fused/demo/verify.py)")
+    t_fused, t_ref = median_us(fused.loss_seconds), median_us(fused.reference_seconds)
+    print(f"loss forward+backward per step on the same inputs (median of {len(fused.loss_seconds)}): "
+          f"fused {t_fused:.1f} us, reference {t_ref:.1f} us ({t_ref / t_fused:.2f}x)")
+    mse, k = fused.column("mse"), cfg.steps_per_epoch
+    frames = fused.column("frames")
+    print(f"mse: first epoch mean {float(mse[:k].mean()):.5f} -> last epoch mean {float(mse[-k:].mean()):.5f}; "
+          f"valid frames per step {int(frames.min())}..{int(frames.max())} of {int(fused.verdict.tolerance.rows)}; "
+          f"learned blend alpha: mouth {float(fused.alpha[list(GROUPS.mouth_indices)].mean()):.3f}, "
+          f"expression {float(fused.alpha[list(GROUPS.expression_indices)].mean()):.3f} (initial 0.300)")
+    print(f"wall time: {time.perf_counter() - start:.1f} s")
+    return _verdict_line(verdict, cfg.dtype, "six terms, total, d/d pred, d/d raw, counts")
+
+
+def _verdict_line(verdict, dtype: str, compared: str) -> int:
+    """The last line, PASS or FAIL, and the exit status."""
     if verdict.ok:
         print(f"PASS: at all {verdict.steps} steps the fused loss matched the reference on the same model outputs "
-              f"(five terms, total, d/d pred, d/d raw) within the {dtype} tolerances; worst "
-              f"{verdict.margin:.2g} of the tolerance")
+              f"({compared}) within the {dtype} tolerances; worst {verdict.margin:.2g} of the tolerance")
         return 0
     reasons = list(verdict.dtype_errors)
     if verdict.first_bad_step is not None:

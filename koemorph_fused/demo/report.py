@@ -26,10 +26,10 @@ def verdict_table(verdict: Verdict) -> str:
     tolerances were derived."""
     tol = verdict.tolerance
     lines = [f"  {'quantity':<10} {'tolerance':<22} {'worst error/tol':>15}  {'at step':>7}  ok"]
-    for name in QUANTITIES:
-        if name not in verdict.worst:
-            continue
-        if tol is None:
+    for name in verdict.worst:
+        if name == "counts":
+            what = "equal"
+        elif tol is None:
             what = "?"
         elif name.startswith("grad"):
             what = f"{tol.gradient_rtol:.2g} * max|g|"
@@ -58,12 +58,14 @@ def chaos_summary(fused: RunResult, reference: RunResult) -> str:
             + " (two runs drift apart by rounding, at a rate set by the CPU, threads and seed: not the verdict)")
 
 
-def epoch_table(rows: list[dict[str, Any]], schedule: TrainingSchedule) -> str:
-    """One line per epoch: phase, stride, the temporal/smoothing weights, the
-    means of the terms and the total over the epoch's steps, the number of
-    steps with a file transition and the flags raised (with counts)."""
+def epoch_table(rows: list[dict[str, Any]], schedule: TrainingSchedule,
+                term_names: tuple[str, ...] = TERM_NAMES) -> str:
+    """One line per epoch: phase, stride (the rows'), the temporal/smoothing
+    weights, the means of the terms (``term_names``) and the total over the
+    epoch's steps, the number of steps with a file transition and the flags
+    raised (with counts)."""
     head = (f"{'epoch':>5} {'phase':<5} {'stride':>6} {'w_temp':>6} {'w_smth':>6} "
-            + " ".join(f"{name[:10]:>10}" for name in TERM_NAMES)
+            + " ".join(f"{name[:10]:>10}" for name in term_names)
             + f" {'total':>10} {'trans':>5}  flags")
     lines = [head, "-" * len(head)]
     by_epoch: dict[int, list[dict[str, Any]]] = {}
@@ -71,11 +73,11 @@ def epoch_table(rows: list[dict[str, Any]], schedule: TrainingSchedule) -> str:
         by_epoch.setdefault(row["epoch"], []).append(row)
     for epoch, group in by_epoch.items():
         phase = schedule.at(epoch)
-        means = [statistics.fmean(r[k] for r in group) for k in TERM_NAMES + ("total",)]
-        flags = Counter(f for r in group for f in r["flags"])
+        means = [statistics.fmean(r[k] for r in group) for k in term_names + ("total",)]
+        flags = Counter(f for r in group for f in r.get("flags", ()))
         flag_text = ", ".join(f"{name} x{n}" for name, n in sorted(flags.items())) or "-"
         lines.append(
-            f"{epoch:>5} {phase.name:<5} {phase.stride:>6} {phase.weights.temporal:>6.3f} "
+            f"{epoch:>5} {phase.name:<5} {group[0]['stride']:>6} {phase.weights.temporal:>6.3f} "
             f"{phase.weights.smoothing:>6.3f} " + " ".join(f"{m:>10.5f}" for m in means[:-1])
             + f" {means[-1]:>10.5f} {sum(r['file_transition'] for r in group):>5}  {flag_text}"
         )

@@ -29,9 +29,10 @@ same weights). Per step:
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Mapping
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -190,6 +191,7 @@ def train(
     expected_total: Optional[Mapping[str, tuple[float, float]]] = None,
     on_step: Optional[Callable[[], None]] = None,
     on_epoch: Optional[Callable[[list[dict[str, Any]]], None]] = None,
+    csv: Optional[Union[str, os.PathLike]] = None,
 ) -> RunResult:
     """Train a fresh model (seeded by ``cfg.seed``) on ``corpus`` with ``loss_fn``.
 
@@ -204,6 +206,9 @@ def train(
             ``outside_expected`` flag; None uses the schedule's (the seed's) ranges.
         on_step, on_epoch: called after every step, and after every epoch with
             that epoch's monitor rows (e.g. to drive a progress bar).
+        csv: a run CSV for the monitor's rows (``LossMonitor(csv=...)``: one
+            row per step, written at the end of each epoch), which
+            ``koemorph-fused plot`` draws.
     """
     wall = time.perf_counter()
     device = torch.device(cfg.device)
@@ -219,46 +224,48 @@ def train(
         reference = reference.to(device)
     streams = WindowStreams(corpus, cfg.batch, window=WINDOW, seed=cfg.seed, device=device, dtype=dtype)
     schedule = cfg.schedule()
-    monitor = LossMonitor()
+    monitor = LossMonitor(csv=csv)
     checker = StepChecker()
     timer, reference_timer = _LossTimer(device), _LossTimer(device)
     rows: list[dict[str, Any]] = []
 
     prev: Optional[torch.Tensor] = None
     prev_file: Optional[torch.Tensor] = None
-    for epoch in range(cfg.epochs):
-        phase = schedule.at(epoch)
-        loss_fn.weights = phase.weights
-        if reference is not None:
-            reference.weights = phase.weights
-        expected = None if expected_total is None else expected_total.get(phase.name)
-        for _ in range(cfg.steps_per_epoch):
-            batch = streams.next(phase.stride)
-            continuity = continuity_mask(batch.file_index, prev_file)
-            out = model(batch.features, prev, continuity)
-            pred, raw = out["blendshapes"], out["raw"]
-            target = batch.target_seq[:, -1, :]  # the window's last frame, a strided view
-
-            trained = _loss_and_grads(loss_fn, pred, raw, target, prev, continuity, timer)
+    try:
+        for epoch in range(cfg.epochs):
+            phase = schedule.at(epoch)
+            loss_fn.weights = phase.weights
             if reference is not None:
-                checked = _loss_and_grads(reference, pred, raw, target, prev, continuity, reference_timer)
-                checker.compare(trained, checked, pred)
+                reference.weights = phase.weights
+            expected = None if expected_total is None else expected_total.get(phase.name)
+            for _ in range(cfg.steps_per_epoch):
+                batch = streams.next(phase.stride)
+                continuity = continuity_mask(batch.file_index, prev_file)
+                out = model(batch.features, prev, continuity)
+                pred, raw = out["blendshapes"], out["raw"]
+                target = batch.target_seq[:, -1, :]  # the window's last frame, a strided view
 
-            optimizer.zero_grad(set_to_none=True)
-            torch.autograd.backward((pred, raw), (trained.grad_pred, trained.grad_raw))
-            optimizer.step()
+                trained = _loss_and_grads(loss_fn, pred, raw, target, prev, continuity, timer)
+                if reference is not None:
+                    checked = _loss_and_grads(reference, pred, raw, target, prev, continuity, reference_timer)
+                    checker.compare(trained, checked, pred)
 
-            monitor.record((trained.total, trained.terms), stride=phase.stride,
-                           file_transition=~continuity.all(), phase=phase, expected_total=expected)
-            prev, prev_file = pred.detach(), batch.file_index
-            if on_step is not None:
-                on_step()
-        epoch_rows = monitor.flush()  # monitor and checker read back once per epoch
-        checker.flush()
-        rows.extend(epoch_rows)
-        if on_epoch is not None:
-            on_epoch(epoch_rows)
+                optimizer.zero_grad(set_to_none=True)
+                torch.autograd.backward((pred, raw), (trained.grad_pred, trained.grad_raw))
+                optimizer.step()
 
+                monitor.record((trained.total, trained.terms), stride=phase.stride,
+                               file_transition=~continuity.all(), phase=phase, expected_total=expected)
+                prev, prev_file = pred.detach(), batch.file_index
+                if on_step is not None:
+                    on_step()
+            epoch_rows = monitor.flush()  # monitor and checker read back once per epoch
+            checker.flush()
+            rows.extend(epoch_rows)
+            if on_epoch is not None:
+                on_epoch(epoch_rows)
+    finally:
+        monitor.close()  # the run CSV, if any
     alpha = model.smoothing.alpha.detach().float().cpu()
     result_verdict = None if reference is None else verdict(checker.ratios, checker.dtype_errors, checker.tolerance)
     return RunResult(name, rows, timer.seconds(), reference_timer.seconds(), checker.ratios, result_verdict,
@@ -272,6 +279,7 @@ def demo_run(
     loss_fn: Optional[nn.Module] = None,
     on_step: Optional[Callable[[], None]] = None,
     on_epoch: Optional[Callable[[list[dict[str, Any]]], None]] = None,
+    csv: Optional[Union[str, os.PathLike]] = None,
 ) -> RunResult:
     """What ``koemorph-fused demo`` runs (and ``bench/demo_matrix.py`` checks):
     train on ``loss_fn`` (default: a new :class:`~koemorph_fused.FusedKoeMorphLoss`
@@ -291,7 +299,7 @@ def demo_run(
             raise ValueError(f"loss_fn.{key} is {tuple(given)}, the demo's reference uses {columns} "
                              "(build the loss with **GROUPS._asdict())")
     return train(cfg, loss_fn, corpus, name="fused", reference=KoeMorphTemporalLoss(**GROUPS._asdict()),
-                 expected_total=EXPECTED_TOTAL, on_step=on_step, on_epoch=on_epoch)
+                 expected_total=EXPECTED_TOTAL, on_step=on_step, on_epoch=on_epoch, csv=csv)
 
 
 __all__ = ["CALIBRATION_NOTE", "DTYPES", "DemoConfig", "EXPECTED_TOTAL", "GROUPS", "GROUPS_NOTE", "RunResult",

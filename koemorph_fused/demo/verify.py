@@ -25,10 +25,12 @@ from typing import Optional
 import torch
 
 from .._ops import accumulation_dtype
-from ..terms import TERM_NAMES
+from ..terms import SEQUENCE_TERM_NAMES, TERM_NAMES
 
 #: The compared quantities, in the order of :attr:`StepChecker.ratios`' columns.
 QUANTITIES: tuple[str, ...] = TERM_NAMES + ("total", "grad_pred", "grad_raw")
+#: The same for the sequence loss: six terms, and its counts (compared exactly).
+SEQUENCE_QUANTITIES: tuple[str, ...] = SEQUENCE_TERM_NAMES + ("total", "grad_pred", "grad_raw", "counts")
 
 #: Roundings in one term's value besides its sum: the difference (pred - x),
 #: its square or absolute value, the division by the count, and for the total
@@ -44,6 +46,19 @@ GRADIENT_CONTRIBUTIONS = 4
 #: the three additions that combine the contributions: 5 + 1 + 1 + 1 + 3 = 11,
 #: rounded up.
 GRADIENT_ROUNDINGS = 12
+
+#: The same counts for the sequence loss (``koemorph-fused demo --sequence``).
+#: Values: the difference and the square, the division by C and by the count,
+#: the weight's rounding and product, five additions of the six weighted
+#: terms (2 + 1 + 1 + 1 + 1 + 5 = 11, rounded up). The velocity residual's
+#: three differences cancel; their error is bounded separately
+#: (:func:`velocity_floors`).
+SEQUENCE_VALUE_EXTRA_ROUNDINGS = 12
+#: Contributions to one element of ``d total / d pred``: the four of the row
+#: loss and the velocity residuals of the pairs (t, t-1) and (t+1, t).
+SEQUENCE_GRADIENT_CONTRIBUTIONS = 6
+#: The row loss's chain with five additions instead of three: 5 + 1 + 1 + 1 + 5 = 13, rounded up.
+SEQUENCE_GRADIENT_ROUNDINGS = 14
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -94,11 +109,29 @@ class Tolerance:
     with ``max|g|`` the larger of the two gradients' maxima. For bfloat16 the
     output rounding dominates (two values that straddle a rounding boundary
     end one bfloat16 step apart, at most 2 u_out |g_i|).
+
+    **Sequences** (:meth:`for_sequence`, ``N = B * T * C``): the same bounds
+    with six terms and six gradient contributions, plus, for the velocity
+    term, what its residual's cancellation adds (:func:`velocity_floors`):
+    an absolute part of the term's and the total's tolerance and a lower
+    bound of the gradients' scale.
     """
 
     dtype: torch.dtype
     rows: int
     cols: int
+    #: Contributions summed into one gradient element, and the roundings of
+    #: each (the row loss's by default; the sequence loss has more).
+    contributions: int = GRADIENT_CONTRIBUTIONS
+    roundings: int = GRADIENT_ROUNDINGS
+    #: Roundings in one term's value besides its sum.
+    value_extra: int = VALUE_EXTRA_ROUNDINGS
+
+    @classmethod
+    def for_sequence(cls, dtype: torch.dtype, frames: int, cols: int) -> "Tolerance":
+        """The tolerance of the sequence loss over ``frames`` (B * T) frames of ``cols`` columns."""
+        return cls(dtype, frames, cols, SEQUENCE_GRADIENT_CONTRIBUTIONS, SEQUENCE_GRADIENT_ROUNDINGS,
+                   SEQUENCE_VALUE_EXTRA_ROUNDINGS)
 
     @property
     def accumulation(self) -> torch.dtype:
@@ -116,19 +149,19 @@ class Tolerance:
     @property
     def value_rtol(self) -> float:
         """Relative tolerance of the terms and the total."""
-        return 2 * (self.rows * self.cols + VALUE_EXTRA_ROUNDINGS) * self.u_acc
+        return 2 * (self.rows * self.cols + self.value_extra) * self.u_acc
 
     @property
     def gradient_rtol(self) -> float:
         """Tolerance of the gradients, relative to ``max|g|``."""
-        return 2 * (GRADIENT_CONTRIBUTIONS * GRADIENT_ROUNDINGS * self.u_acc + self.u_out)
+        return 2 * (self.contributions * self.roundings * self.u_acc + self.u_out)
 
     def describe(self) -> str:
         """How the tolerances follow from the dtype, in two lines."""
         return (f"N = {self.rows}x{self.cols}, u_acc = {self.u_acc:.3g} "
                 f"({str(self.accumulation).replace('torch.', '')} accumulation), u_out = {self.u_out:.3g}; "
-                f"terms and total: 2 (N + {VALUE_EXTRA_ROUNDINGS}) u_acc = {self.value_rtol:.2g},\n"
-                f"gradients: 2 ({GRADIENT_CONTRIBUTIONS}*{GRADIENT_ROUNDINGS} u_acc + u_out) = "
+                f"terms and total: 2 (N + {self.value_extra}) u_acc = {self.value_rtol:.2g},\n"
+                f"gradients: 2 ({self.contributions}*{self.roundings} u_acc + u_out) = "
                 f"{self.gradient_rtol:.2g} (see koemorph_fused/demo/verify.py)")
 
 
@@ -141,15 +174,56 @@ def _nan_mismatch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.isnan() != b.isnan()).any()
 
 
+def velocity_floors(pred: torch.Tensor, target: torch.Tensor, prev: Optional[torch.Tensor],
+                    prev_target: Optional[torch.Tensor], pairs: torch.Tensor, velocity_weight: float,
+                    count: torch.Tensor, tolerance: "Tolerance") -> tuple[torch.Tensor, torch.Tensor]:
+    """What the velocity residual's cancellation adds to the sequence
+    tolerances: ``(value floor, gradient scale)``, device tensors.
+
+    Both implementations compute the residual as ``v = dp - dt`` with
+    ``dp = pred[t] - q`` and ``dt = target[t] - s`` (q, s: the previous
+    frame's pred and target), each difference rounded once. ``dp`` and ``dt``
+    are exact to ``u_acc`` relative to themselves, but ``v`` may cancel:
+    ``|v_computed - v| <= u (|dp| + |dt| + |v|) <= 2 u s`` with
+    ``s = |dp| + |dt|`` (to first order). So ``|v_computed² - v²| <= 5 u s²``
+    per element, and the term (a mean over the C columns and the ``count``
+    pairs) is off by at most ``5 u mean(s²)``; for both implementations::
+
+        value floor = 2 * 5 u_acc * sum(s²) / (C * max(count, 1))
+
+    added to the velocity term's tolerance (``velocity_weight`` times that to
+    the total's). In the gradient, a velocity contribution
+    ``k v`` (``k = 2 velocity_weight / (C * count)``) carries an error of at
+    most ``2 u k s``, which the gradient bound covers when its scale is at
+    least ``k * max(s)``: the second value. ``pairs``: the ``(B, T)`` bool set
+    ``P_v`` of the call."""
+    acc = tolerance.accumulation
+    p, t = pred.detach().to(acc), target.detach().to(acc)
+
+    def previous(x: torch.Tensor, first: Optional[torch.Tensor]) -> torch.Tensor:
+        head = torch.zeros_like(x[:, :1]) if first is None else first.detach().to(acc).unsqueeze(1)
+        return torch.cat([head, x[:, :-1]], dim=1)
+
+    spread = (p - previous(p, prev)).abs() + (t - previous(t, prev_target)).abs()
+    spread = torch.where(pairs.unsqueeze(-1), spread, 0.0)
+    cols = pred.shape[-1]
+    divisor = count.to(acc).clamp(min=1)
+    floor = 2 * 5 * tolerance.u_acc * (spread**2).sum() / (cols * divisor)
+    scale = 2 * velocity_weight / (cols * divisor) * spread.amax() if spread.numel() else floor * 0
+    return floor, scale
+
+
 @dataclasses.dataclass(frozen=True)
 class StepResult:
-    """What one loss returned for one step: the five terms, the total and the
-    gradients with respect to ``pred`` and ``raw``."""
+    """What one loss returned for one step: the terms (five, or six for a
+    sequence), the total, the gradients with respect to ``pred`` and ``raw``
+    and, for a sequence, the counts."""
 
     terms: torch.Tensor
     total: torch.Tensor
     grad_pred: torch.Tensor
     grad_raw: torch.Tensor
+    counts: Optional[torch.Tensor] = None
 
 
 class StepChecker:
@@ -162,30 +236,55 @@ class StepChecker:
     read for that); a wrong dtype is a failure of its own.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, quantities: tuple[str, ...] = QUANTITIES) -> None:
+        #: The compared quantities: the terms, "total", "grad_pred", "grad_raw"
+        #: (:data:`QUANTITIES` or :data:`SEQUENCE_QUANTITIES`, which adds "counts").
+        self.quantities = quantities
+        self._terms = len(quantities) - 3 - ("counts" in quantities)
         self._pending: list[torch.Tensor] = []
         self.ratios: list[list[float]] = []
         self.dtype_errors: list[str] = []
         self.tolerance: Optional[Tolerance] = None
 
-    def compare(self, fused: StepResult, reference: StepResult, pred: torch.Tensor) -> None:
+    def compare(self, fused: StepResult, reference: StepResult, pred: torch.Tensor, *,
+                tolerance: Optional[Tolerance] = None, value_floor: Optional[torch.Tensor] = None,
+                gradient_scale: Optional[torch.Tensor] = None) -> None:
         """Record one step; ``pred`` is the model output both losses saw
-        (its dtype and shape give the tolerance)."""
-        tol = Tolerance(pred.dtype, pred.numel() // pred.shape[-1], pred.shape[-1])
+        (its dtype and shape give the tolerance, unless ``tolerance`` is
+        given). ``value_floor``: absolute amounts added to the terms' and the
+        total's tolerances (one per term, then the total); ``gradient_scale``:
+        a lower bound of the gradients' scale ``max|g|`` (see
+        :func:`velocity_floors`)."""
+        tol = tolerance or Tolerance(pred.dtype, pred.numel() // pred.shape[-1], pred.shape[-1])
         self.tolerance = tol
         self._check_dtypes(fused, reference, pred.dtype)
         acc = tol.accumulation
         vf = torch.cat([fused.terms.detach().to(acc), fused.total.detach().to(acc).reshape(1)])
         vr = torch.cat([reference.terms.detach().to(acc), reference.total.detach().to(acc).reshape(1)])
-        value_ratio = _ratio((vf - vr).abs(), tol.value_rtol * vr.abs())
+        if vf.numel() != self._terms + 1 or vr.numel() != self._terms + 1:
+            raise ValueError(f"expected {self._terms} terms, got {fused.terms.numel()} and {reference.terms.numel()}")
+        bound = tol.value_rtol * vr.abs()
+        if value_floor is not None:
+            bound = bound + value_floor.to(acc)
+        value_ratio = _ratio((vf - vr).abs(), bound)
         value_ratio = torch.where(vf.isnan() & vr.isnan(), torch.zeros_like(value_ratio), value_ratio)
         grad_ratios = []
         for gf, gr in ((fused.grad_pred, reference.grad_pred), (fused.grad_raw, reference.grad_raw)):
             gf, gr = gf.detach().to(acc), gr.detach().to(acc)
             scale = torch.maximum(gf.abs().amax(), gr.abs().amax())
+            if gradient_scale is not None:
+                scale = torch.maximum(scale, gradient_scale.to(acc))
             r = _ratio((gf - gr).abs().amax(), tol.gradient_rtol * scale)
             grad_ratios.append(torch.where(_nan_mismatch(gf, gr), torch.full_like(r, float("inf")), r))
-        self._pending.append(torch.cat([value_ratio, torch.stack(grad_ratios)]).to(torch.float64))
+        row = [value_ratio, torch.stack(grad_ratios)]
+        if "counts" in self.quantities:  # exact: 0 when equal, inf when not (no synchronisation)
+            fc, rc = fused.counts, reference.counts
+            if fc is None or rc is None or fc.shape != rc.shape:
+                differ = value_ratio.new_ones((1,), dtype=torch.bool)
+            else:
+                differ = (fc.to(rc.device) != rc).any().reshape(1)
+            row.append(torch.where(differ, float("inf"), 0.0).to(value_ratio))
+        self._pending.append(torch.cat(row).to(torch.float64))
 
     def _check_dtypes(self, fused: StepResult, reference: StepResult, dtype: torch.dtype) -> None:
         expected_total = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -235,12 +334,13 @@ class Verdict:
         return max(self.worst.values()) if self.worst else float("inf")
 
 
-def verdict(ratios: list[list[float]], dtype_errors: list[str], tolerance: Optional[Tolerance]) -> Verdict:
-    """Summarise the per-step ratios (rows of :data:`QUANTITIES`)."""
-    table = torch.tensor(ratios, dtype=torch.float64).reshape(-1, len(QUANTITIES))
+def verdict(ratios: list[list[float]], dtype_errors: list[str], tolerance: Optional[Tolerance],
+            quantities: tuple[str, ...] = QUANTITIES) -> Verdict:
+    """Summarise the per-step ratios (rows of ``quantities``)."""
+    table = torch.tensor(ratios, dtype=torch.float64).reshape(-1, len(quantities))
     worst: dict[str, float] = {}
     worst_step: dict[str, int] = {}
-    for i, name in enumerate(QUANTITIES):
+    for i, name in enumerate(quantities):
         column = table[:, i].nan_to_num(nan=float("inf"))
         if column.numel():
             worst_step[name] = int(column.argmax())
@@ -251,4 +351,5 @@ def verdict(ratios: list[list[float]], dtype_errors: list[str], tolerance: Optio
                    tuple(dtype_errors), tolerance)
 
 
-__all__ = ["QUANTITIES", "StepChecker", "StepResult", "Tolerance", "Verdict", "verdict"]
+__all__ = ["QUANTITIES", "SEQUENCE_QUANTITIES", "StepChecker", "StepResult", "Tolerance", "Verdict", "velocity_floors",
+           "verdict"]

@@ -1,0 +1,267 @@
+"""The autograd glue around the sequence operator.
+
+``torch.ops.koemorph_fused.sequence_loss_forward`` (csrc/cpu_sequence_kernel.cpp,
+csrc/cuda/sequence_kernel.cu) computes, in one pass over ``(B, T, C)``
+windows, the six terms, their reduction, this call's counts and the
+requested gradients of the weighted total. Here it gets its fake (meta)
+kernel (dynamic B and T under torch.compile), a vmap rule, and
+:class:`FusedSequenceLoss`, the ``torch.autograd.Function`` that joins it with
+the backward:
+
+* reduction "mean" / "sum": forward computes the gradients; backward scales
+  them by ``grad_output`` (:func:`_scale_saved`, the one place that does);
+* reduction "none": backward is the operator again, with reduction "sum" and
+  ``frame_scale = grad_output`` (each frame's terms weighted by its own
+  ``grad_output``), so forward computes no gradient;
+* under ``create_graph`` (double backward, torch.func) the gradients are
+  recomputed differentiably with torch arithmetic (:func:`_differentiable_gradients`).
+
+:func:`fused_sequence_forward` is the entry of the public API (inputs already
+validated by koemorph_fused/sequence.py).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+import torch.autograd.forward_ad as _forward_ad
+
+from ._ops import _can_hand_over, _torch_scale_in_place, accumulation_dtype, gradient_storage_dtype, scale_op
+from ._validation import REDUCTIONS
+from .sequence import frame_sets
+
+_torch_sequence = torch.ops.koemorph_fused.sequence_loss_forward.default
+
+NUM_TERMS = 6
+_NONE, _MEAN, _SUM = (REDUCTIONS[name] for name in ("none", "mean", "sum"))
+
+
+def sequence_op(*args):
+    """``torch.ops.koemorph_fused.sequence_loss_forward``."""
+    return _torch_sequence(*args)
+
+
+@torch.library.register_fake("koemorph_fused::sequence_loss_forward")
+def _sequence_loss_forward_fake(
+    pred, target, raw, prev, prev_target, lengths, mask, continuity, column_weights, weights, counts,
+    frame_scale, reduction, grad_pred, grad_target, grad_raw,
+):
+    acc = accumulation_dtype(pred.dtype)
+    batch, frames = pred.shape[0], pred.shape[1]
+    none = reduction == _NONE
+    grad_dtype = gradient_storage_dtype(pred.dtype)
+
+    def grad(wanted: bool) -> torch.Tensor:
+        return pred.new_empty(pred.shape if wanted and not none else (0,), dtype=grad_dtype)
+
+    return (
+        pred.new_empty((batch, frames) if none else (), dtype=acc),
+        pred.new_empty((batch, frames, NUM_TERMS) if none else (NUM_TERMS,), dtype=acc),
+        pred.new_empty((NUM_TERMS,), dtype=torch.int64),
+        grad(grad_pred),
+        grad(grad_target),
+        grad(grad_raw and raw is not None),
+    )
+
+
+def _sequence_vmap(info, in_dims, *args):
+    """vmap rule of ``sequence_loss_forward``: the operator once per mapped
+    slice, the results stacked; each slice is an independent loss (its own
+    counts and means), as a Python loop over the reference would give."""
+    tensors, flags = args[:12], args[12:]
+    outs = []
+    for i in range(info.batch_size):
+        sliced = [x if d is None or x is None else x.select(d, i) for x, d in zip(tensors, in_dims[:12])]
+        outs.append(_torch_sequence(*sliced, *flags))
+    return tuple(torch.stack(column) for column in zip(*outs)), (0,) * 6
+
+
+if hasattr(torch.library, "register_vmap"):  # torch >= 2.5
+    torch.library.register_vmap("koemorph_fused::sequence_loss_forward", _sequence_vmap)
+
+
+def _scale_saved(grad_total: torch.Tensor, saved, dtype: torch.dtype):
+    """Backward of "mean" / "sum": the saved gradients times ``grad_output``,
+    as ``dtype``. As for the row loss (``_ops.FusedTemporalLoss.backward``):
+    when the graph is being freed and the saved gradients have the input's
+    dtype, they are scaled in place (nothing written when ``grad_output`` is
+    1) and handed over; otherwise the scaling pass writes new tensors."""
+    present = [g for g in saved if g.numel()]
+    if present and _can_hand_over(present, grad_total, dtype):
+        _torch_scale_in_place(grad_total, present)
+        return saved
+    return scale_op(grad_total, *saved, dtype)
+
+
+class FusedSequenceLoss(torch.autograd.Function):
+    """``(total, terms, counts, grad_pred, grad_target, grad_raw)`` of the
+    sequence operator; ``total`` is differentiable in pred, target and raw
+    (never in prev / prev_target). Arguments as the operator's, without
+    ``frame_scale``; ``reduction`` is the operator's code; ``want_*`` say
+    which gradients backward can need (for "none" forward computes none)."""
+
+    generate_vmap_rule = True  # the operator has a vmap rule; the rest is plain torch
+
+    @staticmethod
+    def forward(pred, target, raw, prev, prev_target, lengths, mask, continuity, column_weights, weights,
+                counts, reduction, want_pred, want_target, want_raw):
+        return sequence_op(pred, target, raw, prev, prev_target, lengths, mask, continuity, column_weights,
+                           weights, counts, None, reduction, want_pred, want_target, want_raw)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, terms, counts, grad_pred, grad_target, grad_raw = output
+        ctx.set_materialize_grads(False)  # no zero tensors for terms / counts
+        ctx.mark_non_differentiable(terms, counts, grad_pred, grad_target, grad_raw)
+        ctx.save_for_backward(grad_pred, grad_target, grad_raw)
+        # Inputs, not outputs (no reference cycle): the "none" backward and a
+        # create_graph backward compute from them.
+        ctx.inputs = inputs[:12]
+        ctx.want = inputs[12:]
+
+    @staticmethod
+    def backward(ctx, grad_total, *unused):
+        if grad_total is None:  # total did not reach what is differentiated
+            return (None,) * 15
+        args = ctx.inputs
+        pred, reduction = args[0], args[11]
+        if torch.is_grad_enabled():  # backward(create_graph=True), torch.func.grad
+            grads = _differentiable_gradients(args, grad_total)
+        elif reduction == _NONE:
+            out = sequence_op(*args[:10], None, grad_total, _SUM, *ctx.want)
+            grads = tuple(g.to(pred.dtype) for g in out[3:])
+        else:
+            grads = _scale_saved(grad_total, ctx.saved_tensors, pred.dtype)
+        need = ctx.needs_input_grad
+        return tuple(g if n and g is not None and g.numel() else None for g, n in zip(grads, need[:3])) + (None,) * 12
+
+
+class _EagerSequenceLoss(torch.autograd.Function):
+    """:class:`FusedSequenceLoss` in the ``forward(ctx, ...)`` form, for plain
+    eager calls: ``Function.apply`` binds the arguments of a ``setup_context``
+    Function through ``inspect.signature`` on every call, which cost more
+    than the whole kernel at (8, 256, 52). torch.func transforms need the
+    ``setup_context`` form, and torch.compile traces it; both use the base."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = FusedSequenceLoss.forward(*inputs)
+        FusedSequenceLoss.setup_context(ctx, inputs, output)
+        return output
+
+    backward = FusedSequenceLoss.backward
+
+
+def sequence_total_torch(pred, target, raw, prev, prev_target, lengths, mask, continuity, column_weights, weights,
+                         counts, reduction: int, frame_scale=None) -> torch.Tensor:
+    """The operator's weighted total in plain torch arithmetic, differentiable
+    (the temporal term detaches the previous frame, velocity does not);
+    padding is selected with ``where``, never multiplied, so a NaN there stays
+    out. ``reduction`` is the operator's code; for "none" the per-frame totals
+    are multiplied by ``frame_scale`` (when given) and summed. Used by double
+    backward (:func:`_differentiable_gradients`); the column weights make it
+    independent of how the perceptual groups were given."""
+    batch, frames, _ = pred.shape
+    acc = column_weights.dtype
+    valid, pair, vpair = frame_sets(batch, frames, lengths=lengths, mask=mask, continuity=continuity,
+                                    with_prev=prev is not None, with_prev_target=prev_target is not None,
+                                    device=pred.device)
+    p, g = pred.to(acc), target.to(acc)
+    zero = p.new_zeros(())
+
+    def previous(x, head):  # frame t-1 of x at frame t; `head` (or zeros) at t = 0
+        first = head.to(acc).unsqueeze(1) if head is not None else torch.zeros_like(x[:, :1])
+        return torch.cat([first, x[:, :-1]], dim=1)[:, :frames]
+
+    v, vp = valid.unsqueeze(-1), vpair.unsqueeze(-1)
+    d = torch.where(v, p - g, zero)
+    per_frame = [
+        d.square().mean(-1),
+        d.abs().mean(-1),
+        (d.square() * column_weights).sum(-1),
+        torch.where(pair.unsqueeze(-1), p - previous(p.detach(), prev), zero).square().mean(-1),
+        torch.where(v, p - raw.to(acc), zero).abs().mean(-1) if raw is not None else None,
+        torch.where(vp, (p - previous(p, prev)) - (g - previous(g, prev_target)), zero).square().mean(-1),
+    ]
+    w = weights.to(device=pred.device, dtype=acc)
+    used = [k for k in range(NUM_TERMS) if per_frame[k] is not None and float(weights[k]) > 0]
+    if reduction == _NONE:
+        scale = frame_scale.to(acc) if frame_scale is not None else 1.0
+        return sum(((w[k] * per_frame[k]) * scale).sum() for k in used) + zero
+    if reduction == _MEAN and counts is not None:
+        den = counts.to(device=pred.device, dtype=acc).clamp(min=1)
+    elif reduction == _MEAN:
+        den = torch.stack([x.sum() for x in (valid, valid, valid, pair, valid, vpair)]).to(acc).clamp(min=1)
+    else:
+        den = torch.ones(NUM_TERMS, dtype=acc, device=pred.device)
+    return sum(w[k] * per_frame[k].sum() / den[k] for k in used) + zero
+
+
+def _differentiable_gradients(args, grad_total):
+    """The gradients of ``total`` as differentiable tensors, for double
+    backward: :func:`sequence_total_torch` then
+    ``autograd.grad(..., create_graph=True)``. Only used under create_graph."""
+    pred, target, raw, reduction = args[0], args[1], args[2], args[11]
+    with torch.enable_grad():
+        inputs = [x for x in (pred, target, raw) if x is not None and x.requires_grad]
+        if reduction == _NONE:
+            total = sequence_total_torch(*args, frame_scale=grad_total)
+        else:
+            total = sequence_total_torch(*args) * grad_total.to(args[8].dtype)
+        grads = torch.autograd.grad(total, inputs, create_graph=True, allow_unused=True) \
+            if total.requires_grad else [None] * len(inputs)
+    by_input = {id(x): gr for x, gr in zip(inputs, grads)}
+    out = []
+    for x in (pred, target, raw):
+        gr = by_input.get(id(x)) if x is not None else None
+        out.append(torch.zeros_like(x) if gr is None and x is not None else gr)
+    return tuple(out)
+
+
+def _transform_active() -> bool:
+    """Forward-mode AD or a torch.func transform (grad, vjp, vmap, ...)."""
+    return _forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def fused_sequence_forward(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    raw: Optional[torch.Tensor],
+    prev: Optional[torch.Tensor],
+    prev_target: Optional[torch.Tensor],
+    lengths: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    continuity: Optional[torch.Tensor],
+    column_weights: torch.Tensor,
+    weights: torch.Tensor,
+    counts: Optional[torch.Tensor],
+    reduction: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(total, terms, counts)`` of the sequence loss, ``total``
+    differentiable in pred, target and raw when one of them needs a gradient.
+
+    Inputs are already validated (koemorph_fused/sequence.py): ``weights`` is
+    the (6,) float64 tensor, ``column_weights`` comes from
+    :func:`koemorph_fused._ops.column_weights`, ``counts`` is None or a (6,)
+    tensor (reduction "mean" only), ``reduction`` is "none", "mean" or "sum".
+    """
+    code = REDUCTIONS[reduction]
+    if not torch.compiler.is_compiling() and _transform_active():
+        want = (True, True, raw is not None)  # tangents and transformed tensors need not require grad
+    else:
+        grad = torch.is_grad_enabled()
+        want = (grad and pred.requires_grad, grad and target.requires_grad,
+                grad and raw is not None and raw.requires_grad)
+    if any(want):
+        eager = not torch.compiler.is_compiling() and not _transform_active()
+        function = _EagerSequenceLoss if eager else FusedSequenceLoss
+        total, terms, this_counts, *_ = function.apply(
+            pred, target, raw, prev, prev_target, lengths, mask, continuity, column_weights, weights, counts,
+            code, *want)
+    else:
+        total, terms, this_counts, *_ = sequence_op(
+            pred, target, raw, prev, prev_target, lengths, mask, continuity, column_weights, weights, counts,
+            None, code, False, False, False)
+    return total, terms, this_counts

@@ -1,0 +1,441 @@
+"""The CPU sequence operator (torch.ops.koemorph_fused.sequence_loss_forward)
+and its autograd glue (koemorph_fused._sequence_ops) against the independent
+loop oracle of tests/sequence_oracle.py."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from koemorph_fused import _ops
+from koemorph_fused import _sequence_ops as seq
+from koemorph_fused.terms import EXPRESSION_INDICES, MOUTH_INDICES
+from sequence_oracle import sequence_oracle
+
+OP = torch.ops.koemorph_fused.sequence_loss_forward.default
+WEIGHTS = (1.0, 0.5, 0.7, 0.3, 0.2, 0.9)
+# (rtol, atol) of values and of gradients, per input dtype (the gradients of
+# float16 / bfloat16 inputs are rounded to float32 / bfloat16).
+TOL = {
+    torch.float64: ((1e-10, 1e-12), (1e-10, 1e-13)),
+    torch.float32: ((2e-5, 1e-6), (2e-5, 1e-8)),
+    torch.float16: ((3e-3, 1e-4), (3e-3, 1e-6)),
+    torch.bfloat16: ((2e-2, 1e-3), (2e-2, 1e-5)),
+}
+
+
+def groups(cols):
+    """Perceptual index groups that fit C (the real ones at C >= 22)."""
+    if cols >= 22:
+        return MOUTH_INDICES, EXPRESSION_INDICES
+    return (0, cols - 1, cols - 1), tuple(range(1, min(cols, 4)))
+
+
+def rand(shape, dtype, generator):
+    return torch.rand(shape, dtype=torch.float64, generator=generator).to(dtype)
+
+
+def make_case(batch, frames, cols, dtype=torch.float64, raw=True, prev="prev_target", valid="lengths",
+              continuity="per_frame", seed=0):
+    """Inputs of one call: tensors of `dtype`; `prev` in (None, "prev", "prev_target")."""
+    g = torch.Generator().manual_seed(seed)
+    case = dict(pred=rand((batch, frames, cols), dtype, g), target=rand((batch, frames, cols), dtype, g),
+                raw=rand((batch, frames, cols), dtype, g) if raw else None, prev=None, prev_target=None,
+                lengths=None, mask=None, continuity=None)
+    if prev:
+        case["prev"] = rand((batch, cols), dtype, g)
+    if prev == "prev_target":
+        case["prev_target"] = rand((batch, cols), dtype, g)
+    if valid == "lengths":
+        case["lengths"] = torch.randint(0, frames + 1, (batch,), generator=g, dtype=torch.int32)
+    elif valid == "mask":
+        case["mask"] = torch.rand(batch, frames, generator=g) > 0.3
+    if continuity == "per_window":
+        case["continuity"] = (torch.rand(batch, generator=g) > 0.4).to(torch.float32)
+    elif continuity == "per_frame":  # file boundaries inside windows
+        case["continuity"] = (torch.rand(batch, frames, generator=g) > 0.25).to(torch.uint8)
+    return case
+
+
+def call_op(case, reduction="mean", weights=WEIGHTS, counts=None, frame_scale=None, grads=(True, True, True)):
+    pred = case["pred"]
+    mouth, expression = groups(pred.shape[-1])
+    colw = _ops.column_weights(tuple(mouth), tuple(expression), pred.shape[-1], pred.dtype, pred.device)
+    return OP(pred, case["target"], case["raw"], case["prev"], case["prev_target"], case["lengths"], case["mask"],
+              case["continuity"], colw, torch.tensor(weights, dtype=torch.float64), counts, frame_scale,
+              seq.REDUCTIONS[reduction], *grads)
+
+
+def call_oracle(case, reduction="mean", weights=WEIGHTS, counts=None, frame_scale=None):
+    """(total, terms, counts, {name: gradient of total (weighted by frame_scale)})."""
+    leaves = {k: case[k].double().clone().requires_grad_() for k in ("pred", "target", "raw") if case[k] is not None}
+    others = {k: case[k].double() if case[k] is not None else None for k in ("prev", "prev_target")}
+    mouth, expression = groups(case["pred"].shape[-1])
+    total, terms, counts_out = sequence_oracle(
+        leaves["pred"], leaves["target"], leaves.get("raw"), others["prev"], others["prev_target"], case["lengths"],
+        case["mask"], case["continuity"], mouth, expression, weights, reduction, counts,
+        None if frame_scale is None else frame_scale.double())
+    grads = torch.autograd.grad(total.sum(), list(leaves.values()), allow_unused=True, materialize_grads=True) \
+        if total.requires_grad else [torch.zeros_like(x) for x in leaves.values()]
+    return total.detach(), terms.detach(), counts_out, dict(zip(leaves, grads))
+
+
+def assert_matches(case, reduction="mean", counts=None, weights=WEIGHTS):
+    dtype = case["pred"].dtype
+    (vr, va), (gr, ga) = TOL[dtype]
+    total, terms, counts_out, *grads = call_op(case, reduction, weights, counts)
+    o_total, o_terms, o_counts, o_grads = call_oracle(case, reduction, weights, counts)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert total.dtype == acc and terms.dtype == acc and counts_out.dtype == torch.int64
+    assert counts_out.tolist() == o_counts
+    torch.testing.assert_close(terms.double(), o_terms, rtol=vr, atol=va)
+    torch.testing.assert_close(total.double(), o_total, rtol=vr, atol=va)
+    if reduction == "none":
+        assert all(g.numel() == 0 for g in grads)
+        return
+    storage = _ops.gradient_storage_dtype(dtype)
+    for name, g in zip(("pred", "target", "raw"), grads):
+        if case[name] is None:
+            assert g.numel() == 0
+            continue
+        assert g.dtype == storage and g.shape == case["pred"].shape and g.is_contiguous()
+        torch.testing.assert_close(g.double(), o_grads[name], rtol=gr, atol=ga, msg=lambda m: f"grad_{name}: {m}")
+
+
+SHAPES = [(2, 5, 52), (3, 4, 61), (2, 6, 7), (1, 1, 52), (3, 1, 13), (2, 3, 3)]
+OPTIONS = list(itertools.product(
+    SHAPES, [True, False], [None, "prev", "prev_target"], [None, "lengths", "mask"],
+    [None, "per_window", "per_frame"], ["mean", "sum", "none"]))
+SAMPLE = random.Random(16).sample(OPTIONS, 60)
+
+
+@pytest.mark.parametrize("shape,raw,prev,valid,continuity,reduction", SAMPLE)
+def test_float64_matches_oracle(shape, raw, prev, valid, continuity, reduction):
+    case = make_case(*shape, raw=raw, prev=prev, valid=valid, continuity=continuity, seed=hash(str(shape)) % 1000)
+    assert_matches(case, reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 5, 52), (3, 4, 61), (2, 3, 5)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_dtypes_match_oracle(dtype, shape, reduction):
+    assert_matches(make_case(*shape, dtype=dtype, seed=3), reduction)
+
+
+def test_long_windows_cross_chunks():
+    """Chunks of 4096 // C frames end inside windows: the velocity share of
+    the next chunk's first frame still reaches the last frame's gradient."""
+    case = make_case(3, 90, 52, valid="mask", continuity="per_window", seed=5)
+    assert_matches(case, "sum")
+    case = make_case(2, 200, 20, valid=None, continuity=None, seed=6)  # 204 frames a chunk
+    assert_matches(case, "mean")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_weights_of_zero_and_one(reduction):
+    case = make_case(2, 4, 52, seed=8)
+    for k in range(6):
+        weights = [0.0] * 6
+        weights[k] = 1.0
+        assert_matches(case, reduction, weights=weights)
+
+
+def test_counts_given():
+    case = make_case(2, 5, 52, seed=9)
+    counts = torch.tensor([20, 19, 18, 7, 25, 3], dtype=torch.int32)
+    assert_matches(case, "mean", counts=counts)
+    _, _, own, *_ = call_op(case, "mean", counts=counts)
+    assert own.tolist() == call_oracle(case)[2]  # this call's, not the given ones
+    counts = torch.zeros(6, dtype=torch.float64)  # max(count, 1)
+    assert_matches(case, "mean", counts=counts)
+
+
+def test_frame_scale_is_the_none_backward():
+    case = make_case(3, 5, 52, seed=10)
+    scale = torch.rand(3, 5, dtype=torch.float64) - 0.3
+    total, terms, _, gp, gt, gr = call_op(case, "sum", frame_scale=scale)
+    o_total, o_terms, _, o_grads = call_oracle(case, "sum", frame_scale=scale)
+    torch.testing.assert_close(terms, o_terms)
+    torch.testing.assert_close(total, o_total)
+    for name, g in zip(("pred", "target", "raw"), (gp, gt, gr)):
+        torch.testing.assert_close(g, o_grads[name])
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 52), (3, 0, 52), (0, 0, 7)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_windows(shape, reduction):
+    case = make_case(*shape, valid=None, continuity=None, seed=1)
+    total, terms, counts, gp, gt, gr = call_op(case, reduction)
+    assert counts.tolist() == [0] * 6
+    assert not terms.isnan().any() and (terms == 0).all() and (total == 0).all()
+    if reduction != "none":
+        assert gp.shape == shape and gr.shape == shape and gt.shape == shape
+    assert_matches(case, reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_valid_frame(reduction):
+    case = make_case(2, 4, 52, seed=2)
+    case["lengths"] = torch.zeros(2, dtype=torch.int64)
+    total, terms, counts, gp, gt, gr = call_op(case, reduction)
+    assert counts.tolist() == [0] * 6
+    assert (terms == 0).all() and (total == 0).all()
+    if reduction != "none":
+        assert (gp == 0).all() and (gt == 0).all() and (gr == 0).all()
+
+
+@pytest.mark.parametrize("valid", ["lengths", "mask"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_nan_in_padded_frames_changes_nothing(valid, reduction):
+    case = make_case(3, 6, 52, valid=valid, continuity="per_frame", seed=4)
+    if valid == "lengths":
+        case["lengths"] = torch.tensor([6, 3, 0])
+        padded = torch.arange(6).unsqueeze(0) >= case["lengths"].unsqueeze(1)
+    else:
+        padded = ~case["mask"]
+    clean = call_op(case, reduction)
+    dirty = dict(case)
+    for name in ("pred", "target", "raw"):
+        x = case[name].clone()
+        x[padded] = float("nan")
+        dirty[name] = x
+    dirty_out = call_op(dirty, reduction)
+    for a, b in zip(clean, dirty_out):
+        assert torch.equal(a, b)
+
+
+def test_strided_inputs_read_in_place():
+    """A (B, C, T) tensor transposed, a slice with a row stride, a column
+    stride (the gather path) and expanded prev give what contiguous copies give."""
+    g = torch.Generator().manual_seed(11)
+    pred = rand((2, 52, 7), torch.float32, g).transpose(1, 2)  # column stride T
+    target = rand((2, 7, 60), torch.float32, g)[:, :, 3:55]  # frame stride 60
+    raw = rand((2, 14, 52), torch.float32, g)[:, ::2]  # frame stride 104
+    prev = rand((1, 52), torch.float32, g).expand(2, 52)  # batch stride 0
+    prev_target = rand((2, 104), torch.float32, g)[:, ::2]
+    case = dict(pred=pred, target=target, raw=raw, prev=prev, prev_target=prev_target,
+                lengths=torch.tensor([7, 5]), mask=None, continuity=None)
+    contiguous = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+    strided, packed = call_op(case, "sum"), call_op(contiguous, "sum")
+    for a, b in zip(strided, packed):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert_matches(case, "mean")
+
+
+def test_continuity_forms_agree():
+    """(B,) continuity equals (B, T) with ones after frame 0; any dtype."""
+    case = make_case(3, 4, 52, valid=None, continuity=None, seed=12)
+    first = torch.tensor([1, 0, 1])
+    per_frame = torch.ones(3, 4, dtype=torch.bool)
+    per_frame[:, 0] = first.bool()
+    outs = []
+    for c in (first, first.double(), per_frame, per_frame.to(torch.bfloat16)):
+        outs.append(call_op(dict(case, continuity=c), "sum"))
+    for out in outs[1:]:
+        for a, b in zip(outs[0], out):
+            assert torch.equal(a, b)
+
+
+def test_matches_row_loss_at_one_frame():
+    """T = 1 with (B,) continuity is the row loss on pred[:, 0] (velocity aside)."""
+    import koemorph_fused as kf
+
+    case = make_case(5, 1, 52, dtype=torch.float64, valid=None, continuity="per_window", seed=13)
+    total, terms, *_ = call_op(case, "mean", weights=WEIGHTS[:5] + (0.0,))
+    row = kf.temporal_loss(case["pred"][:, 0], case["target"][:, 0], case["prev"], case["raw"][:, 0],
+                           continuity=case["continuity"], weights=kf.LossWeights(*WEIGHTS[:5]))
+    torch.testing.assert_close(terms[:5], row.terms)
+    torch.testing.assert_close(total, row.total)
+
+
+def test_bad_arguments_are_named():
+    case = make_case(2, 3, 52, seed=14)
+    with pytest.raises(ValueError, match="lengths or mask"):
+        call_op(dict(case, mask=torch.ones(2, 3)))
+    with pytest.raises(ValueError, match="prev_target"):
+        call_op(dict(case, prev=None))
+    with pytest.raises(ValueError, match="counts"):
+        call_op(case, "sum", counts=torch.ones(6))
+    with pytest.raises(ValueError, match="target"):
+        call_op(dict(case, target=case["target"][:, :2]))
+    with pytest.raises(TypeError, match="lengths"):
+        call_op(dict(case, lengths=torch.ones(2)))
+    with pytest.raises(ValueError, match="reduction"):
+        OP(case["pred"], case["target"], None, None, None, None, None, None,
+           torch.zeros(52), torch.zeros(6, dtype=torch.float64), None, None, 3, False, False, False)
+
+
+THREADS_SCRIPT = r"""
+import sys, torch, hashlib
+import koemorph_fused
+from koemorph_fused import _ops, _sequence_ops as seq
+torch.set_num_threads(int(sys.argv[1]))
+g = torch.Generator().manual_seed(7)
+x = [torch.rand(8, 256, 52, generator=g) for _ in range(3)]
+lengths = torch.randint(100, 257, (8,), generator=g)
+colw = _ops.column_weights(tuple(range(12, 22)), tuple(range(10)), 52, torch.float32, torch.device("cpu"))
+w = torch.tensor([1, 0.5, 0.7, 0.3, 0.2, 0.9], dtype=torch.float64)
+out = torch.ops.koemorph_fused.sequence_loss_forward(x[0].transpose(0, 1).contiguous().transpose(0, 1), x[1], x[2],
+    x[0][:, 0], x[1][:, 0], lengths, None, None, colw, w, None, None, 1, True, True, True)
+h = hashlib.sha256()
+for t in out:
+    h.update(t.numpy().tobytes())
+if len(sys.argv) > 2:
+    torch.save(out, sys.argv[2])
+sys.stdout.write(h.hexdigest())
+"""
+
+
+@pytest.mark.parametrize("isa", ["native", "default"])
+def test_bitwise_identical_for_1_and_2_threads(isa):
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default") if isa == "default" else None
+    outs = {n: subprocess.run([sys.executable, "-c", THREADS_SCRIPT, str(n)], capture_output=True, text=True,
+                              check=True, env=env).stdout for n in (1, 2)}
+    assert outs[1] == outs[2]
+
+
+def test_baseline_and_avx2_kernels_agree(tmp_path):
+    paths = {}
+    for isa in ("default", "avx2"):
+        paths[isa] = str(tmp_path / f"{isa}.pt")
+        subprocess.run([sys.executable, "-c", THREADS_SCRIPT, "2", paths[isa]], check=True, capture_output=True,
+                       env=dict(os.environ, ATEN_CPU_CAPABILITY=isa))
+    a, b = torch.load(paths["default"]), torch.load(paths["avx2"])
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-9)
+
+
+def test_oracle_in_a_baseline_process():
+    """The baseline (non-AVX2) build against the oracle, odd C included."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_sequence_op as t; "
+            "[t.assert_matches(t.make_case(*s, dtype=d, seed=1), r) for s in [(2, 5, 52), (2, 3, 61), (2, 4, 3)] "
+            "for d in (t.torch.float64, t.torch.float32, t.torch.bfloat16) for r in ('mean', 'none')]")
+    subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__)], check=True,
+                   env=dict(os.environ, ATEN_CPU_CAPABILITY="default"))
+
+
+# ----------------------------------------------------------------------------
+# The autograd glue: fused_sequence_forward and FusedSequenceLoss.
+
+def forward(case, reduction="mean", weights=WEIGHTS, counts=None):
+    pred = case["pred"]
+    mouth, expression = groups(pred.shape[-1])
+    colw = _ops.column_weights(tuple(mouth), tuple(expression), pred.shape[-1], pred.dtype, pred.device)
+    return seq.fused_sequence_forward(pred, case["target"], case["raw"], case["prev"], case["prev_target"],
+                                      case["lengths"], case["mask"], case["continuity"], colw,
+                                      torch.tensor(weights, dtype=torch.float64), counts, reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_backward_matches_oracle(dtype, reduction):
+    case = make_case(3, 5, 52, dtype=dtype, seed=15)
+    for name in ("pred", "target", "raw"):
+        case[name].requires_grad_()
+    total, terms, counts = forward(case, reduction)
+    assert total.requires_grad and not terms.requires_grad
+    go = torch.rand(total.shape, dtype=total.dtype) + 0.5
+    grads = torch.autograd.grad(total, [case[k] for k in ("pred", "target", "raw")], go)
+    o_total, *_ = sequence_oracle_total(case, reduction)
+    o_grads = torch.autograd.grad(o_total[0], o_total[1], go.double())
+    (_, _), (gr, ga) = TOL[dtype]
+    for g, o in zip(grads, o_grads):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), o, rtol=max(gr, 1e-3 if dtype == torch.float16 else 0), atol=ga * 10)
+
+
+def sequence_oracle_total(case, reduction):
+    leaves = [case[k].detach().double().requires_grad_() for k in ("pred", "target", "raw")]
+    mouth, expression = groups(case["pred"].shape[-1])
+    total, _, _ = sequence_oracle(*leaves, case["prev"].double(), case["prev_target"].double(), case["lengths"],
+                                  case["mask"], case["continuity"], mouth, expression, WEIGHTS, reduction)
+    return (total, leaves),
+
+
+def test_only_needed_gradients():
+    case = make_case(2, 4, 52, seed=16)
+    case["raw"].requires_grad_()
+    total, _, _ = forward(case)
+    (g_raw,) = torch.autograd.grad(total, [case["raw"]])
+    assert g_raw.shape == case["raw"].shape
+    with torch.no_grad():
+        total, _, _ = forward(case)
+    assert not total.requires_grad
+
+
+def away_from_kinks(case):
+    """pred - target, pred - raw stay away from 0 (|x| has its kink there)."""
+    for name in ("target", "raw"):
+        sign = torch.where(case["pred"] > case[name], 1.0, -1.0).double()
+        case[name] = case["pred"] - sign * (0.05 + (case[name] - case["pred"]).abs())
+    return case
+
+
+@pytest.mark.parametrize("frames,temporal", [(1, 0.3), (4, 0.0)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck_and_gradgradcheck(frames, temporal, reduction):
+    """Where the temporal detach does not matter (temporal weight 0 or T = 1)."""
+    case = away_from_kinks(make_case(2, frames, 7, seed=17))
+    weights = (1.0, 0.5, 0.7, temporal, 0.2, 0.9)
+
+    def fn(pred, target, raw):
+        return forward(dict(case, pred=pred, target=target, raw=raw), reduction, weights)[0]
+
+    inputs = tuple(case[k].clone().requires_grad_() for k in ("pred", "target", "raw"))
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_opcheck(reduction):
+    case = make_case(2, 4, 13, dtype=torch.float32, seed=18)
+    mouth, expression = groups(13)
+    colw = _ops.column_weights(tuple(mouth), tuple(expression), 13, torch.float32, torch.device("cpu"))
+    args = (case["pred"], case["target"], case["raw"], case["prev"], case["prev_target"], case["lengths"], None,
+            case["continuity"], colw, torch.tensor(WEIGHTS, dtype=torch.float64), None, None,
+            seq.REDUCTIONS[reduction], True, False, True)
+    torch.library.opcheck(OP, args)
+
+
+def test_compile_fullgraph_dynamic():
+    torch._dynamo.reset()
+    compiled = torch.compile(seq.fused_sequence_forward, fullgraph=True, dynamic=True)
+    for shape in [(2, 5, 52), (3, 7, 52)]:
+        case = make_case(*shape, dtype=torch.float32, seed=19)
+        case["pred"].requires_grad_()
+        eager = forward(case)
+        mouth, expression = groups(52)
+        colw = _ops.column_weights(tuple(mouth), tuple(expression), 52, torch.float32, torch.device("cpu"))
+        out = compiled(case["pred"], case["target"], case["raw"], case["prev"], case["prev_target"],
+                       case["lengths"], case["mask"], case["continuity"], colw,
+                       torch.tensor(WEIGHTS, dtype=torch.float64), None, "mean")
+        for a, b in zip(out, eager):
+            torch.testing.assert_close(a, b)
+        (g,) = torch.autograd.grad(out[0], case["pred"])
+        (ge,) = torch.autograd.grad(eager[0], case["pred"])
+        torch.testing.assert_close(g, ge)
+
+
+def test_vmap_and_per_sample_gradients():
+    """Each mapped slice is an independent loss (its own counts and means)."""
+    cases = [make_case(2, 4, 13, dtype=torch.float64, seed=20 + i) for i in range(3)]
+    stacked = {k: torch.stack([c[k] for c in cases]) for k in ("pred", "target", "raw")}
+    base = cases[0]
+
+    def total(pred, target, raw):
+        return forward(dict(base, pred=pred, target=target, raw=raw))[0]
+
+    mapped = torch.func.vmap(total)(stacked["pred"], stacked["target"], stacked["raw"])
+    looped = torch.stack([total(c["pred"], c["target"], c["raw"]) for c in cases])
+    torch.testing.assert_close(mapped, looped)
+    grads = torch.func.vmap(torch.func.grad(total))(stacked["pred"], stacked["target"], stacked["raw"])
+    for i, c in enumerate(cases):
+        p = c["pred"].clone().requires_grad_()
+        (expected,) = torch.autograd.grad(total(p, c["target"], c["raw"]), p)
+        torch.testing.assert_close(grads[i], expected)
