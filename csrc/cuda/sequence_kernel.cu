@@ -27,7 +27,6 @@
 // The per-element formulas are loss_math.h's (the row kernel's), on scalars.
 #include <algorithm>
 #include <array>
-#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -205,15 +204,14 @@ struct SequenceParams {
   acc_t* total;                // 0-dim, or (B, T)
 };
 
-// As the row kernel: a weight that is not finite and > 0 (possible only on
-// the device, where it is not checked) counts as 0 in the total and in every
-// gradient.
+// As the row kernel: effective_weight() makes a weight that is not finite
+// and > 0 (possible only on the device, where it is not checked) count as 0
+// in the total and in every gradient.
 template <typename P>
 __device__ __forceinline__ void load_weights(const P& p, double (&w)[kSequenceTerms]) {
 #pragma unroll
   for (int i = 0; i < kSequenceTerms; ++i) {
-    const double v = p.weights_dev ? p.weights_dev[i] : p.weights[i];
-    w[i] = (v > 0.0 && v <= DBL_MAX) ? v : 0.0;
+    w[i] = effective_weight(p.weights_dev ? p.weights_dev[i] : p.weights[i]);
   }
 }
 
