@@ -333,8 +333,9 @@ def cxx_flags(with_cuda: bool) -> list[str]:
 # quiet machine needs, so the estimate errs long; bench/compile_times.py
 # measures them again), and the
 # CUDA files (cuda/loss_kernel.cu and cuda/sequence_kernel.cu together, for
-# 4 architectures: host side, and per architecture, nvcc 13.0). They only feed the estimate that set-up and the
-# just-in-time build print; a file missing here counts as _UNMEASURED_FILE_S.
+# 4 architectures: host side, and per architecture, nvcc 13.0). They only
+# feed the estimate that set-up and the just-in-time build print; a file
+# missing here counts as _UNMEASURED_FILE_S.
 _COMPILE_CPU_SECONDS = {
     "cpu_sequence_kernel_default.cpp": 44.6,
     "cpu_loss_kernel_default_float16.cpp": 34.7,
