@@ -328,3 +328,82 @@ def test_compiles_fullgraph_with_dynamic_batch_and_frames(loss):
         # a bad length is still an error under tracing (checked on the device)
         with pytest.raises(RuntimeError, match=r"lengths must be in \[0, T\]"):
             compiled(p1, target, raw, prev, prev_target, lengths + t + 1, continuity)
+
+
+class TinySequenceModel(torch.nn.Module):
+    """A linear layer per frame and the fused sequence loss, for export and compile."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 52)
+        self.loss = kf.FusedKoeMorphSequenceLoss(velocity_weight=0.5)
+
+    def forward(self, x, target, prev, prev_target, lengths):
+        return self.loss(self.lin(x), target, prev=prev, prev_target=prev_target, lengths=lengths)
+
+
+def sequence_batch(b, t):
+    g = torch.Generator().manual_seed(b * 100 + t)
+    return (torch.rand(b, t, 16, generator=g), torch.rand(b, t, 52, generator=g), torch.rand(b, 52, generator=g),
+            torch.rand(b, 52, generator=g), torch.randint(0, t + 1, (b,), generator=g))
+
+
+def test_export_with_dynamic_batch_and_frames():
+    model = TinySequenceModel()
+    b, t = torch.export.Dim("B", min=2), torch.export.Dim("T", min=2)
+    ep = torch.export.export(model, sequence_batch(3, 8),
+                             dynamic_shapes=({0: b, 1: t}, {0: b, 1: t}, {0: b}, {0: b}, {0: b}))
+    ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert "koemorph_fused.sequence_loss_forward.default" in ops
+    for shape in ((3, 8), (5, 2), (2, 33)):
+        args = sequence_batch(*shape)
+        torch.testing.assert_close(ep.module()(*args), model(*args))
+
+
+def test_compiled_training_step_matches_eager():
+    torch.manual_seed(0)
+    model = TinySequenceModel()
+    twin = TinySequenceModel()
+    twin.load_state_dict(model.state_dict())
+
+    def step(m, *args):
+        loss = m(*args)
+        loss.backward()
+        return loss.detach()
+
+    compiled = torch.compile(lambda *a: step(model, *a), fullgraph=False, dynamic=True)
+    for shape in ((4, 8), (3, 11)):
+        args = sequence_batch(*shape)
+        model.zero_grad()
+        twin.zero_grad()
+        torch.testing.assert_close(compiled(*args), step(twin, *args))
+        for p, q in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_autocast_feeds_low_precision_straight_in():
+    lin = torch.nn.Linear(16, 52)
+    x, target, prev, prev_target, lengths = sequence_batch(3, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pred = lin(x)
+        assert pred.dtype == torch.bfloat16
+        out = kf.sequence_loss(pred, target.bfloat16(), prev=prev.bfloat16(), prev_target=prev_target.bfloat16(),
+                               lengths=lengths, velocity_weight=0.5)
+    assert out.total.dtype == torch.float32
+    out.total.backward()
+    assert lin.weight.grad is not None and lin.weight.grad.dtype == torch.float32
+    ref = kf.reference.sequence_loss(pred.detach(), target.bfloat16(), prev=prev.bfloat16(),
+                                     prev_target=prev_target.bfloat16(), lengths=lengths, velocity_weight=0.5)
+    torch.testing.assert_close(out.total, ref.total, rtol=TOL[torch.bfloat16]["values"][0],
+                               atol=TOL[torch.bfloat16]["values"][1])
+
+
+def test_meta_tensors_give_shapes_and_dtypes():
+    pred = torch.empty(4, 9, 52, device="meta", dtype=torch.float16, requires_grad=True)
+    target, raw = torch.empty_like(pred), torch.empty_like(pred)
+    loss_fn = kf.FusedKoeMorphSequenceLoss().to("meta")
+    for reduction, total_shape, terms_shape in (("mean", (), (6,)), ("none", (4, 9), (4, 9, 6))):
+        out = kf.sequence_loss(pred, target, raw, mask=torch.empty(4, 9, device="meta"), reduction=reduction)
+        assert out.total.shape == total_shape and out.terms.shape == terms_shape
+        assert out.total.dtype == torch.float32 and out.counts.dtype == torch.int64
+    assert loss_fn(pred, target, raw, lengths=torch.empty(4, dtype=torch.long, device="meta")).shape == ()
