@@ -74,3 +74,19 @@ def assert_matches_reference(pred, target, prev=None, raw=None, grad_output=1.0,
         assert fused[2][name].dtype == pred.dtype, f"grad {name} dtype"
         assert_close(fused[2][name], ref[2][name], *tol["grads"], what=f"grad {name}")
     return fused, ref
+
+
+def capture_graph(step, warmup: int = 3):
+    """``(graph, captured)``: ``step()`` captured in a CUDA graph after a
+    warm-up on a side stream (as torch.cuda.graph asks); ``captured`` is what
+    the captured call returned (static outputs that each replay refills)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    return graph, captured

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import koemorph_fused as kf
-from helpers import DTYPES, TOL, assert_close, rand
+from helpers import DTYPES, TOL, assert_close, capture_graph, rand
 from koemorph_fused import _ops
 
 DEVICE = "cuda"
@@ -298,15 +298,7 @@ def test_cuda_graph_capture_and_replay():
         gp, gr = torch.autograd.grad(out.total, (static["pred"], static["raw"]))
         return out.total, out.terms, gp, gr
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # warm-up outside the capture (caches, allocator)
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture_graph(step)  # warm-up outside the capture (caches, allocator)
 
     totals = []
     for seed in (1, 2):
@@ -341,15 +333,7 @@ def test_cuda_graph_reads_module_weights_on_the_device():
         gp, gr = torch.autograd.grad(total, (static["pred"], static["raw"]))
         return total, gp, gr
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture_graph(step)
 
     tol = TOL[torch.float32]
     for weights in (kf.LossWeights.for_stride(32), kf.LossWeights.for_stride(1), kf.LossWeights(temporal=0.0)):

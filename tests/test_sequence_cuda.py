@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import koemorph_fused as kf
-from helpers import TOL, assert_close
+from helpers import TOL, assert_close, capture_graph
 from koemorph_fused import _build_config, _ops
 from koemorph_fused.terms import EXPRESSION_INDICES, MOUTH_INDICES
 
@@ -434,15 +434,7 @@ def test_cuda_graph_capture_and_replay():
     def step():
         return call(static, "mean", weights=weights), call(static, "none", weights=weights)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture_graph(step, warmup=2)
 
     totals = []
     for seed in (1, 2):
