@@ -90,3 +90,12 @@ def capture_graph(step, warmup: int = 3):
     with torch.cuda.graph(graph):
         captured = step()
     return graph, captured
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a torch.distributed rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -6,7 +6,6 @@ gradients, so this holds when the ranks have equal batch sizes (and, for the
 temporal term with a mask, equal numbers of continuous rows)."""
 
 import os
-import socket
 import tempfile
 
 import torch
@@ -14,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import koemorph_fused as kf
+from helpers import free_port
 
 ROWS = 64
 
@@ -48,12 +48,6 @@ def worker(rank, world, port, out_path):
             torch.save([p.grad for p in model.module.parameters()], out_path)
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ddp_two_processes_equal_one_process():

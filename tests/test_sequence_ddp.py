@@ -20,7 +20,6 @@ not the mean over all the data when the ranks have different numbers of
 frames (checked too, so that the test could fail)."""
 
 import os
-import socket
 import tempfile
 
 import torch
@@ -28,6 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import koemorph_fused as kf
+from helpers import free_port
 
 B, T, F, C = 6, 10, 12, 52
 #: Rank 0 gets clips 0-3 (long ones), rank 1 clips 4-5 (one short, one empty): 34 frames against 3.
@@ -90,12 +90,6 @@ def worker(rank, world, port, out_path):
             torch.save(results, out_path)
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ddp_with_uneven_lengths_equals_one_process():
