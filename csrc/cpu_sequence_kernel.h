@@ -303,63 +303,67 @@ KF_HD void run_frame_next(const SequenceProblem<scalar_t>& pb, const FrameView<s
 // ----------------------------------------------------------------- flat loop
 
 // Where a flat run reads and writes: its first frame's rows (column stride 1,
-// frame stride C), element i of the run at offset i.
+// frame stride C), element i of the run at offset i; the per-position tables.
 template <typename scalar_t>
 struct FlatView {
+  using acc_t = typename Io<scalar_t>::acc_t;
   using grad_t = grad_storage_t<scalar_t>;
   const scalar_t *pred, *target, *raw;
   grad_t *gp, *gt, *gr;  // nullptr: not requested
+  const acc_t *kd, *kd_keep, *cw, *cw_keep;
+  int64_t cols, period;
 };
 
-// Elements [i0, i1) of a flat run, i0 at position o of the period; kNext:
-// each of their frames gets its next frame's velocity share. The sums are
-// taken and returned by value, so that they stay in registers (their address
-// never escapes to the stores).
+// One step of a flat run: element i, position o of the period.
 template <typename scalar_t, bool kRaw, bool kGrads, bool kNext>
-FrameSums<typename Io<scalar_t>::AVec> flat_range(const SequenceProblem<scalar_t>& pb, const FlatView<scalar_t> v,
-                                                  const FrameCoefficients<scalar_t> k, int64_t i0, int64_t i1,
-                                                  int64_t o, FrameSums<typename Io<scalar_t>::AVec> acc) {
+KF_HD void flat_step(const FlatView<scalar_t>& v, const FrameCoefficients<scalar_t>& k, int64_t i, int64_t o,
+                     int64_t count, FrameSums<typename Io<scalar_t>::AVec>& acc) {
   using IO = Io<scalar_t>;
   using Pack = typename IO::Pack;
-  constexpr int64_t kStep = IO::kStep;
-  // Locals: the stores below may alias anything reached through pb.
-  const int64_t C = pb.cols, period = pb.period;
-  const auto *kd = pb.flat_kd, *kd_keep = pb.flat_kd_keep, *cw = pb.flat_colw, *cw_keep = pb.flat_colw_keep;
-  const Pack tail{};
-  const auto step = [&](int64_t i, int64_t count) {
-    StepOperands<Pack> in{};
-    in.p = IO::load(v.pred + i, count);
-    in.g = IO::load(v.target + i, count);
-    if constexpr (kRaw) in.r = IO::load(v.raw + i, count);
-    in.q = IO::load(v.pred + i - C, count);
-    in.s = IO::load(v.target + i - C, count);
-    if constexpr (kNext) {
-      in.pn = IO::load(v.pred + i + C, count);
-      in.gn = IO::load(v.target + i + C, count);
+  const int64_t C = v.cols;
+  StepOperands<Pack> in{};
+  in.p = IO::load(v.pred + i, count);
+  in.g = IO::load(v.target + i, count);
+  if constexpr (kRaw) in.r = IO::load(v.raw + i, count);
+  in.q = IO::load(v.pred + i - C, count);
+  in.s = IO::load(v.target + i - C, count);
+  if constexpr (kNext) {
+    in.pn = IO::load(v.pred + i + C, count);
+    in.gn = IO::load(v.target + i + C, count);
+  }
+  in.cw = IO::load(v.cw + o, count);
+  in.cw_keep = IO::load(v.cw_keep + o, count);
+  if constexpr (kGrads) {
+    in.kd = IO::load(v.kd + o, count);
+    in.kd_keep = IO::load(v.kd_keep + o, count);
+  }
+  Pack g_pred, g_target, g_raw;
+  step_lanes<scalar_t, kRaw, kGrads, 2, kNext, false, false>(in, k, Pack{}, acc, g_pred, g_target, g_raw);
+  if constexpr (kGrads) {
+    if (v.gp) IO::store(v.gp + i, g_pred, count);
+    if (v.gt) IO::store(v.gt + i, g_target, count);
+    if constexpr (kRaw) {
+      if (v.gr) IO::store(v.gr + i, g_raw, count);
     }
-    in.cw = IO::load(cw + o, count);
-    in.cw_keep = IO::load(cw_keep + o, count);
-    if constexpr (kGrads) {
-      in.kd = IO::load(kd + o, count);
-      in.kd_keep = IO::load(kd_keep + o, count);
-    }
-    Pack g_pred, g_target, g_raw;
-    step_lanes<scalar_t, kRaw, kGrads, 2, kNext, false, false>(in, k, tail, acc, g_pred, g_target, g_raw);
-    if constexpr (kGrads) {
-      if (v.gp) IO::store(v.gp + i, g_pred, count);
-      if (v.gt) IO::store(v.gt + i, g_target, count);
-      if constexpr (kRaw) {
-        if (v.gr) IO::store(v.gr + i, g_raw, count);
-      }
-    }
-  };
+  }
+}
+
+// Elements [i0, i1) of a flat run, i0 at position o of the period; kNext:
+// each of their frames gets its next frame's velocity share. Everything is
+// taken and returned by value, so that it stays in registers (no address
+// escapes to the gradient stores, which may alias any float).
+template <typename scalar_t, bool kRaw, bool kGrads, bool kNext>
+FrameSums<typename Io<scalar_t>::AVec> flat_range(const FlatView<scalar_t> v, const FrameCoefficients<scalar_t> k,
+                                                  int64_t i0, int64_t i1, int64_t o,
+                                                  FrameSums<typename Io<scalar_t>::AVec> acc) {
+  constexpr int64_t kStep = Io<scalar_t>::kStep;
   int64_t i = i0;
   for (; i + kStep <= i1; i += kStep) {
-    step(i, kStep);
+    flat_step<scalar_t, kRaw, kGrads, kNext>(v, k, i, o, kStep, acc);
     o += kStep;
-    if (o >= period) o -= period;
+    if (o >= v.period) o -= v.period;
   }
-  if (i < i1) step(i, i1 - i);
+  if (i < i1) flat_step<scalar_t, kRaw, kGrads, kNext>(v, k, i, o, i1 - i, acc);
   return acc;
 }
 
@@ -379,15 +383,21 @@ FrameSums<typename Io<scalar_t>::AVec> run_flat(const SequenceProblem<scalar_t>&
   v.gp = pb.grad_pred ? pb.grad_pred + fa * C : nullptr;
   v.gt = pb.grad_target ? pb.grad_target + fa * C : nullptr;
   v.gr = pb.grad_raw ? pb.grad_raw + fa * C : nullptr;
+  v.kd = pb.flat_kd;
+  v.kd_keep = pb.flat_kd_keep;
+  v.cw = pb.flat_colw;
+  v.cw_keep = pb.flat_colw_keep;
+  v.cols = C;
+  v.period = pb.period;
   const int64_t n = (fb - fa) * C;
   if constexpr (kGrads) {
     if (k.velocity_on) {  // frames with a next frame's share, then the last one without
       const int64_t coupled = next_last ? n : n - C;
-      acc = flat_range<scalar_t, kRaw, kGrads, true>(pb, v, k, 0, coupled, 0, acc);
-      return flat_range<scalar_t, kRaw, kGrads, false>(pb, v, k, coupled, n, coupled % pb.period, acc);
+      acc = flat_range<scalar_t, kRaw, kGrads, true>(v, k, 0, coupled, 0, acc);
+      return flat_range<scalar_t, kRaw, kGrads, false>(v, k, coupled, n, coupled % pb.period, acc);
     }
   }
-  return flat_range<scalar_t, kRaw, kGrads, false>(pb, v, k, 0, n, 0, acc);
+  return flat_range<scalar_t, kRaw, kGrads, false>(v, k, 0, n, 0, acc);
 }
 
 // ------------------------------------------------------------------- chunks
