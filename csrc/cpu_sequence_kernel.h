@@ -142,12 +142,16 @@ struct StepOperands {
 // that both compute a gradient with the same expressions. kPair: 0 (no
 // pair), 1 (in P), 2 (in P and P_v); kNext: the next frame is in P_v and
 // sends its velocity share; kScaled: a frame scale other than 1 (kd_scale,
-// flip); kOverlap: the lanes tail_lanes clears were summed by an earlier step.
-template <typename scalar_t, bool kRaw, bool kGrads, int kPair, bool kNext, bool kScaled, bool kOverlap>
+// flip); kOverlap: the lanes tail_lanes clears were summed by an earlier step;
+// kSlots: d^2 goes to the step's slots `sq` (one per position of the flat
+// period, weighed by the column weights once per chunk) instead of the sq and
+// perceptual sums.
+template <typename scalar_t, bool kRaw, bool kGrads, int kPair, bool kNext, bool kScaled, bool kOverlap,
+          bool kSlots = false>
 KF_HD void step_lanes(const StepOperands<typename Io<scalar_t>::Pack>& in, const FrameCoefficients<scalar_t>& k,
                       const typename Io<scalar_t>::Pack& tail, FrameSums<typename Io<scalar_t>::AVec>& acc,
                       typename Io<scalar_t>::Pack& g_pred, typename Io<scalar_t>::Pack& g_target,
-                      typename Io<scalar_t>::Pack& g_raw) {
+                      typename Io<scalar_t>::Pack& g_raw, typename Io<scalar_t>::Pack* sq = nullptr) {
   using IO = Io<scalar_t>;
   using AVec = typename IO::AVec;
   static_assert(!kNext || kGrads, "the next frame's share only moves gradients");
@@ -197,10 +201,14 @@ KF_HD void step_lanes(const StepOperands<typename Io<scalar_t>::Pack>& in, const
       if constexpr (kPair == 2) u = tail[j] & u;
       if constexpr (kRaw) sm = tail[j] & sm;
     }
-    const AVec d2 = d * d;
-    acc.sq = acc.sq + d2;
+    if constexpr (kSlots) {
+      (*sq)[j] = at::vec::fmadd(d, d, (*sq)[j]);
+    } else {
+      const AVec d2 = d * d;
+      acc.sq = acc.sq + d2;
+      acc.perceptual = acc.perceptual + (in.cw_keep[j] & (in.cw[j] * d2));  // colw = 0: not in the term
+    }
     acc.abs = acc.abs + Lanes<AVec>::abs(d);
-    acc.perceptual = acc.perceptual + (in.cw_keep[j] & (in.cw[j] * d2));  // colw = 0: not in the term
     if constexpr (kPair >= 1) acc.temporal = at::vec::fmadd(e, e, acc.temporal);
     if constexpr (kPair == 2) acc.velocity = at::vec::fmadd(u, u, acc.velocity);
     if constexpr (kRaw) acc.smoothing = acc.smoothing + Lanes<AVec>::abs(sm);
@@ -310,7 +318,8 @@ struct FlatView {
   using grad_t = grad_storage_t<scalar_t>;
   const scalar_t *pred, *target, *raw;
   grad_t *gp, *gt, *gr;  // nullptr: not requested
-  const acc_t *kd, *kd_keep, *cw, *cw_keep;
+  const acc_t *kd, *kd_keep;
+  acc_t* sq;  // the chunk's sums of d^2 per position of the period (period + kStep)
   int64_t cols, period;
 };
 
@@ -331,14 +340,15 @@ KF_HD void flat_step(const FlatView<scalar_t>& v, const FrameCoefficients<scalar
     in.pn = IO::load(v.pred + i + C, count);
     in.gn = IO::load(v.target + i + C, count);
   }
-  in.cw = IO::load(v.cw + o, count);
-  in.cw_keep = IO::load(v.cw_keep + o, count);
   if constexpr (kGrads) {
     in.kd = IO::load(v.kd + o, count);
     in.kd_keep = IO::load(v.kd_keep + o, count);
   }
   Pack g_pred, g_target, g_raw;
-  step_lanes<scalar_t, kRaw, kGrads, 2, kNext, false, false>(in, k, Pack{}, acc, g_pred, g_target, g_raw);
+  Pack sq = IO::load(v.sq + o, count);
+  step_lanes<scalar_t, kRaw, kGrads, 2, kNext, false, false, true>(in, k, Pack{}, acc, g_pred, g_target, g_raw,
+                                                                    &sq);
+  IO::store(v.sq + o, sq, count);
   if constexpr (kGrads) {
     if (v.gp) IO::store(v.gp + i, g_pred, count);
     if (v.gt) IO::store(v.gt + i, g_target, count);
@@ -373,7 +383,8 @@ FrameSums<typename Io<scalar_t>::AVec> flat_range(const FlatView<scalar_t> v, co
 template <typename scalar_t, bool kRaw, bool kGrads>
 FrameSums<typename Io<scalar_t>::AVec> run_flat(const SequenceProblem<scalar_t>& pb,
                                                 const FrameCoefficients<scalar_t>& k, int64_t fa, int64_t fb,
-                                                bool next_last, FrameSums<typename Io<scalar_t>::AVec> acc) {
+                                                bool next_last, typename Io<scalar_t>::acc_t* sq,
+                                                FrameSums<typename Io<scalar_t>::AVec> acc) {
   const int64_t T = pb.frames, C = pb.cols;
   const int64_t b = fa / T, t = fa - b * T;
   FlatView<scalar_t> v;
@@ -385,8 +396,7 @@ FrameSums<typename Io<scalar_t>::AVec> run_flat(const SequenceProblem<scalar_t>&
   v.gr = pb.grad_raw ? pb.grad_raw + fa * C : nullptr;
   v.kd = pb.flat_kd;
   v.kd_keep = pb.flat_kd_keep;
-  v.cw = pb.flat_colw;
-  v.cw_keep = pb.flat_colw_keep;
+  v.sq = sq;
   v.cols = C;
   v.period = pb.period;
   const int64_t n = (fb - fa) * C;
@@ -463,6 +473,8 @@ SequenceSums run_chunk(const SequenceProblem<scalar_t>& shared, int64_t f0, int6
   const bool flat = pb.period > 0;
   FrameCoefficients<scalar_t> flat_k = frame_coefficients(pb, 0);  // flat runs: no frame_scale
   flat_k.velocity_next = flat_k.velocity;
+  const int64_t positions = flat ? pb.period + IO::kStep : 0;
+  ScratchBuffer<acc_t, kMaxSequencePeriod + 64> flat_sq(positions);
   int64_t t = f0 % T;
   for (int64_t f = f0; f < f1;) {
     const uint8_t flags = pb.flags[f];
@@ -471,7 +483,7 @@ SequenceSums run_chunk(const SequenceProblem<scalar_t>& shared, int64_t f0, int6
       for (; fb < f1 && tb < T && pb.flags[fb] == kFrameFull; ++fb, ++tb) {
       }
       const bool next_last = next_velocity(fb - 1, tb - 1) != acc_t(0);
-      chunk = run_flat<scalar_t, kRaw, kGrads>(pb, flat_k, f, fb, next_last, chunk);
+      chunk = run_flat<scalar_t, kRaw, kGrads>(pb, flat_k, f, fb, next_last, flat_sq.data(), chunk);
       f = fb;
       t = tb == T ? 0 : tb;
       continue;
@@ -537,6 +549,11 @@ SequenceSums run_chunk(const SequenceProblem<scalar_t>& shared, int64_t f0, int6
     }
     ++f;
     if (++t == T) t = 0;
+  }
+  for (int64_t o = 0; o < positions; o += AVec::size()) {  // the flat runs' d^2, weighed once
+    const AVec v = AVec::loadu(flat_sq.data() + o), w = AVec::loadu(pb.flat_colw + o);
+    chunk.sq = chunk.sq + v;
+    chunk.perceptual = chunk.perceptual + (AVec::loadu(pb.flat_colw_keep + o) & (w * v));
   }
   const double inv_c = 1.0 / static_cast<double>(C);
   SequenceSums out;
