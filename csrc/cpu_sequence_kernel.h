@@ -7,14 +7,20 @@
 // partial sums are added in chunk order (bitwise the same for any thread
 // count), gradients stored as grad_storage_t.
 //
-// Frames are processed one after another. The previous frame pred[b, t-1]
-// (and target[b, t-1]) is read in place, where it was read one frame before
-// (still in L1); at t = 0 the previous frame is prev[b] / prev_target[b].
-// The velocity term of frame t moves frames t and t-1, so a frame's gradient
-// is kept in a C-sized "pending" buffer in the accumulation type until the
-// next frame has added its share, and only then stored, once. A chunk that
-// ends inside a window finishes its last frame with the velocity share of
-// the next frame (computed the same way, bit for bit, by the next chunk).
+// The previous frame pred[b, t-1] (and target[b, t-1]) is read in place, one
+// frame stride back (still in L1); at t = 0 it is prev[b] / prev_target[b].
+// The velocity term of frame t+1 moves the gradients of frames t+1 and t:
+// frame t's step recomputes that share from frames t+1 and t (two more loads
+// from L1), so each gradient element is computed in one place, stored once,
+// and no state crosses frames or chunks.
+//
+// Two loops over a chunk's frames. Contiguous frames (column stride 1, frame
+// stride C) whose every frame is in V, P and P_v take the flat loop: the run
+// of frames is one array whose column pattern repeats every lcm(C, kStep)
+// elements, as the row kernel's flat path, with no per-frame work and no
+// overlapping last step. Every other frame (the first of a window, padding,
+// a pair boundary, strided inputs, frame_scale, reduction "none") takes the
+// frame loop: one frame of C columns in steps, the last one overlapping.
 #pragma once
 
 #ifndef CPU_CAPABILITY
@@ -24,6 +30,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -35,6 +42,11 @@
 namespace koemorph_fused::cpu::CPU_CAPABILITY {
 
 using SequenceSums = std::array<double, kNumSequenceTerms>;
+
+// A frame in V, P and P_v: what every frame of a flat run is.
+constexpr uint8_t kFrameFull = kFrameValid | kFramePair | kFrameVelocityPair;
+// Flat runs need the per-position tables of one period (lcm(C, kStep)) in L1.
+constexpr int64_t kMaxSequencePeriod = 1024;
 
 template <typename scalar_t>
 struct SequenceProblem {
@@ -52,28 +64,34 @@ struct SequenceProblem {
   // (difference_coefficient over the denominators) and its keep_nonzero mask;
   // the column weights and their mask (for the perceptual sum).
   const acc_t *kd, *kd_keep, *colw, *colw_keep;
+  // The same four per position of the period lcm(C, kStep), period + kStep
+  // long (a flat step may start anywhere in the period); period 0: no flat
+  // loop for this call.
+  const acc_t *flat_kd, *flat_kd_keep, *flat_colw, *flat_colw_keep;
+  int64_t period;
   grad_t *grad_pred, *grad_target, *grad_raw;
   acc_t *frame_terms, *frame_total;
-  int64_t batch, frames, cols, slots;
+  int64_t batch, frames, cols;
+  int64_t slots;  // the per-column tables' length: C rounded up to whole steps
   double weights[kNumSequenceTerms];
   // Gradient coefficients before the frame's scale: w_l1/(C den), w_s/(C den),
   // 2 w_t/(C den), 2 w_v/(C den).
   acc_t k_l1, k_smoothing, k_temporal, k_velocity;
   // When C is not a multiple of the step, a frame's last step re-reads its
-  // final kStep columns (into its own slot); tail_lanes selects the lanes the
-  // earlier steps had not covered, so that nothing is summed twice.
+  // final kStep columns; tail_lanes selects the lanes the earlier steps had
+  // not covered, so that nothing is summed twice.
   Pack tail_lanes;
 };
 
-// The coefficients of one frame: the call's, times the frame's scale. Both
-// chunks that touch a frame compute them with this function, so a frame's
-// velocity share is the same bits in each.
+// The coefficients of one frame: the call's, times the frame's scale, and
+// the velocity coefficient of the next frame (its share in this frame's
+// gradients).
 template <typename scalar_t>
 struct FrameCoefficients {
   using AVec = typename Io<scalar_t>::AVec;
   using acc_t = typename Io<scalar_t>::acc_t;
   acc_t scale;
-  AVec kd_scale, temporal, velocity;
+  AVec kd_scale, temporal, velocity, velocity_next;
   // scaled_sign needs a coefficient >= 0: l1 and smoothing hold |scale| times
   // theirs, and `flip` (the sign bit of a negative scale) is XORed in after.
   AVec l1, smoothing, flip;
@@ -81,11 +99,16 @@ struct FrameCoefficients {
 };
 
 template <typename scalar_t>
+KF_HD typename Io<scalar_t>::acc_t frame_scale_of(const SequenceProblem<scalar_t>& pb, int64_t f) {
+  return pb.frame_scale ? pb.frame_scale[f] : typename Io<scalar_t>::acc_t(1);
+}
+
+template <typename scalar_t>
 KF_HD FrameCoefficients<scalar_t> frame_coefficients(const SequenceProblem<scalar_t>& pb, int64_t f) {
   using acc_t = typename Io<scalar_t>::acc_t;
   using AVec = typename Io<scalar_t>::AVec;
   FrameCoefficients<scalar_t> k;
-  k.scale = pb.frame_scale ? pb.frame_scale[f] : acc_t(1);
+  k.scale = frame_scale_of(pb, f);
   const acc_t t = pb.k_temporal * k.scale, v = pb.k_velocity * k.scale;
   const acc_t magnitude = k.scale < acc_t(0) ? -k.scale : k.scale;
   k.kd_scale = AVec(k.scale);
@@ -94,29 +117,115 @@ KF_HD FrameCoefficients<scalar_t> frame_coefficients(const SequenceProblem<scala
   k.flip = AVec(k.scale < acc_t(0) ? acc_t(-0.0) : acc_t(0));
   k.temporal = AVec(t);
   k.velocity = AVec(v);
+  k.velocity_next = AVec(acc_t(0));
   k.temporal_on = t != acc_t(0);
   k.velocity_on = v != acc_t(0);
   return k;
 }
 
-// Where one frame's steps read and write.
-template <typename scalar_t>
-struct FrameView {
-  using acc_t = typename Io<scalar_t>::acc_t;
-  using grad_t = grad_storage_t<scalar_t>;
-  const scalar_t *pred, *target, *raw;
-  const scalar_t *q, *s;  // the previous frame's pred and target (or prev, prev_target)
-  int64_t pred_c, target_c, raw_c, q_c, s_c;  // column strides
-  grad_t *gp, *gt, *gr;            // this frame's gradient rows; nullptr: not requested
-  grad_t *gp_prev, *gt_prev;       // the previous frame's
-  acc_t *pend_p, *pend_t;          // pending gradients, by slot
-};
-
-// Running sums of one frame (then folded into the chunk's, times the
-// frame's scale, or written out for reduction "none").
+// Running sums (of a frame, then folded into the chunk's times the frame's
+// scale, or written out for reduction "none"; or of a whole flat run).
 template <class AVec>
 struct FrameSums {
   AVec sq, abs, perceptual, temporal, smoothing, velocity;
+};
+
+// The operands of one step, as vectors of the accumulation type: this
+// frame's pred, target, raw; the previous frame's pred and target (q, s);
+// the next frame's (pn, gn); the per-column tables.
+template <class Pack>
+struct StepOperands {
+  Pack p, g, r, q, s, pn, gn, kd, kd_keep, cw, cw_keep;
+};
+
+// The arithmetic of one step, shared by the frame loop and the flat loop so
+// that both compute a gradient with the same expressions. kPair: 0 (no
+// pair), 1 (in P), 2 (in P and P_v); kNext: the next frame is in P_v and
+// sends its velocity share; kScaled: a frame scale other than 1 (kd_scale,
+// flip); kOverlap: the lanes tail_lanes clears were summed by an earlier step;
+// kSlots: d^2 goes to the step's slots `sq` (one per position of the flat
+// period, weighed by the column weights once per chunk) instead of the sq and
+// perceptual sums.
+template <typename scalar_t, bool kRaw, bool kGrads, int kPair, bool kNext, bool kScaled, bool kOverlap,
+          bool kSlots = false>
+KF_HD void step_lanes(const StepOperands<typename Io<scalar_t>::Pack>& in, const FrameCoefficients<scalar_t>& k,
+                      const typename Io<scalar_t>::Pack& tail, FrameSums<typename Io<scalar_t>::AVec>& acc,
+                      typename Io<scalar_t>::Pack& g_pred, typename Io<scalar_t>::Pack& g_target,
+                      typename Io<scalar_t>::Pack& g_raw, typename Io<scalar_t>::Pack* sq = nullptr) {
+  using IO = Io<scalar_t>;
+  using AVec = typename IO::AVec;
+  static_assert(!kNext || kGrads, "the next frame's share only moves gradients");
+  for (int j = 0; j < IO::kParts; ++j) {
+    const AVec p = in.p[j], g = in.g[j];
+    AVec d = p - g;
+    AVec e, u, sm;
+    if constexpr (kPair >= 1) e = p - in.q[j];             // pred[t] - pred[t-1]
+    if constexpr (kPair == 2) u = e - (g - in.s[j]);      // velocity residual
+    if constexpr (kRaw) sm = p - in.r[j];
+    if constexpr (kGrads) {
+      // difference_gradient of loss_math.h, its keep_nonzero mask precomputed.
+      AVec kdd = in.kd[j];
+      if constexpr (kScaled) kdd = kdd * k.kd_scale;
+      AVec l1 = Lanes<AVec>::scaled_sign(d, k.l1);
+      if constexpr (kScaled) l1 = l1 ^ k.flip;
+      const AVec gd = (in.kd_keep[j] & (kdd * d)) + l1;
+      AVec gp = gd, gt = gd.neg();
+      if constexpr (kPair >= 1) {
+        if (k.temporal_on) gp = gp + temporal_gradient(e, k.temporal);  // pred[t-1] detached
+      }
+      if constexpr (kRaw) {
+        AVec gs = smoothing_gradient(sm, k.smoothing);
+        if constexpr (kScaled) gs = gs ^ k.flip;
+        gp = gp + gs;
+        g_raw[j] = gs.neg();
+      }
+      if constexpr (kPair == 2) {
+        if (k.velocity_on) {
+          const AVec vg = temporal_gradient(u, k.velocity);  // same form: coefficient * residual
+          gp = gp + vg;
+          gt = gt - vg;
+        }
+      }
+      if constexpr (kNext) {  // the next frame's residual, as that frame computes it
+        const AVec un = (in.pn[j] - p) - (in.gn[j] - g);
+        const AVec vn = temporal_gradient(un, k.velocity_next);
+        gp = gp - vn;
+        gt = gt + vn;
+      }
+      g_pred[j] = gp;
+      g_target[j] = gt;
+    }
+    if constexpr (kOverlap) {  // lanes already counted become +0
+      d = tail[j] & d;
+      if constexpr (kPair >= 1) e = tail[j] & e;
+      if constexpr (kPair == 2) u = tail[j] & u;
+      if constexpr (kRaw) sm = tail[j] & sm;
+    }
+    if constexpr (kSlots) {
+      (*sq)[j] = at::vec::fmadd(d, d, (*sq)[j]);
+    } else {
+      const AVec d2 = d * d;
+      acc.sq = acc.sq + d2;
+      acc.perceptual = acc.perceptual + (in.cw_keep[j] & (in.cw[j] * d2));  // colw = 0: not in the term
+    }
+    acc.abs = acc.abs + Lanes<AVec>::abs(d);
+    if constexpr (kPair >= 1) acc.temporal = at::vec::fmadd(e, e, acc.temporal);
+    if constexpr (kPair == 2) acc.velocity = at::vec::fmadd(u, u, acc.velocity);
+    if constexpr (kRaw) acc.smoothing = acc.smoothing + Lanes<AVec>::abs(sm);
+  }
+}
+
+// ---------------------------------------------------------------- frame loop
+
+// Where one frame's steps read and write.
+template <typename scalar_t>
+struct FrameView {
+  using grad_t = grad_storage_t<scalar_t>;
+  const scalar_t *pred, *target, *raw;
+  const scalar_t *q, *s;    // the previous frame's pred and target (or prev, prev_target)
+  const scalar_t *pn, *gn;  // the next frame's pred and target (kNext)
+  int64_t pred_c, target_c, raw_c, q_c, s_c;  // column strides
+  grad_t *gp, *gt, *gr;  // this frame's gradient rows; nullptr: not requested
 };
 
 // kStep elements of a frame at column c (fewer, `count`, when C < kStep),
@@ -132,163 +241,180 @@ KF_HD typename Io<scalar_t>::Pack load_columns(const scalar_t* row, int64_t stri
   return IO::load(buf, count);
 }
 
-// One step of frame f: kPair 0 (no pair), 1 (in P), 2 (in P and P_v);
-// kCouple: the previous frame's pending gradient gets this frame's velocity
-// share and is stored.
-template <typename scalar_t, bool kRaw, bool kGrads, int kPair, bool kCouple, bool kOverlap>
+// One step of a frame at column c.
+template <typename scalar_t, bool kRaw, bool kGrads, int kPair, bool kNext, bool kOverlap>
 KF_HD void frame_step(const SequenceProblem<scalar_t>& pb, const FrameView<scalar_t>& fv,
-                      const FrameCoefficients<scalar_t>& k, int64_t c, int64_t o, int64_t count,
+                      const FrameCoefficients<scalar_t>& k, int64_t c, int64_t count,
                       FrameSums<typename Io<scalar_t>::AVec>& acc) {
   using IO = Io<scalar_t>;
-  using AVec = typename IO::AVec;
   using Pack = typename IO::Pack;
-  static_assert(!kCouple || (kPair == 2 && kGrads), "velocity couples frames of a velocity pair");
-
-  const Pack p = load_columns(fv.pred, fv.pred_c, c, count);
-  const Pack g = load_columns(fv.target, fv.target_c, c, count);
-  Pack r{}, q{}, s{}, kd{}, kd_keep{}, pend_p{}, pend_t{};
-  if constexpr (kRaw) r = load_columns(fv.raw, fv.raw_c, c, count);
-  if constexpr (kPair >= 1) q = load_columns(fv.q, fv.q_c, c, count);
-  if constexpr (kPair == 2) s = load_columns(fv.s, fv.s_c, c, count);
-  const Pack cw = IO::load(pb.colw + c, count), cw_keep = IO::load(pb.colw_keep + c, count);
-  if constexpr (kGrads) {
-    kd = IO::load(pb.kd + c, count);
-    kd_keep = IO::load(pb.kd_keep + c, count);
-    if constexpr (kCouple) {
-      pend_p = IO::load(fv.pend_p + o, count);
-      if (fv.gt_prev) pend_t = IO::load(fv.pend_t + o, count);
-    }
+  StepOperands<Pack> in{};
+  in.p = load_columns(fv.pred, fv.pred_c, c, count);
+  in.g = load_columns(fv.target, fv.target_c, c, count);
+  if constexpr (kRaw) in.r = load_columns(fv.raw, fv.raw_c, c, count);
+  if constexpr (kPair >= 1) in.q = load_columns(fv.q, fv.q_c, c, count);
+  if constexpr (kPair == 2) in.s = load_columns(fv.s, fv.s_c, c, count);
+  if constexpr (kNext) {
+    in.pn = load_columns(fv.pn, fv.pred_c, c, count);
+    in.gn = load_columns(fv.gn, fv.target_c, c, count);
   }
-
-  Pack g_pred, g_target, g_raw, done_pred, done_target;
-  for (int j = 0; j < IO::kParts; ++j) {
-    AVec d = p[j] - g[j];
-    AVec e, u, sm;
-    if constexpr (kPair >= 1) e = p[j] - q[j];             // pred[t] - pred[t-1]
-    if constexpr (kPair == 2) u = e - (g[j] - s[j]);      // velocity residual
-    if constexpr (kRaw) sm = p[j] - r[j];
-    if constexpr (kGrads) {
-      // difference_gradient of loss_math.h, its keep_nonzero mask precomputed.
-      const AVec gd = (kd_keep[j] & (kd[j] * k.kd_scale * d)) + (Lanes<AVec>::scaled_sign(d, k.l1) ^ k.flip);
-      AVec gp = gd, gt = gd.neg();
-      if constexpr (kPair >= 1) {
-        if (k.temporal_on) gp = gp + temporal_gradient(e, k.temporal);  // pred[t-1] detached
-      }
-      if constexpr (kRaw) {
-        const AVec gs = smoothing_gradient(sm, k.smoothing) ^ k.flip;
-        gp = gp + gs;
-        g_raw[j] = gs.neg();
-      }
-      if constexpr (kPair == 2) {
-        if (k.velocity_on) {
-          const AVec vg = temporal_gradient(u, k.velocity);  // same form: coefficient * residual
-          gp = gp + vg;
-          gt = gt - vg;
-          if constexpr (kCouple) {
-            done_pred[j] = pend_p[j] - vg;
-            done_target[j] = pend_t[j] + vg;
-          }
-        }
-      }
-      g_pred[j] = gp;
-      g_target[j] = gt;
-    }
-    if constexpr (kOverlap) {  // lanes already counted become +0
-      d = pb.tail_lanes[j] & d;
-      if constexpr (kPair >= 1) e = pb.tail_lanes[j] & e;
-      if constexpr (kPair == 2) u = pb.tail_lanes[j] & u;
-      if constexpr (kRaw) sm = pb.tail_lanes[j] & sm;
-    }
-    const AVec d2 = d * d;
-    acc.sq = acc.sq + d2;
-    acc.abs = acc.abs + Lanes<AVec>::abs(d);
-    acc.perceptual = acc.perceptual + (cw_keep[j] & (cw[j] * d2));  // colw = 0: not in the term
-    if constexpr (kPair >= 1) acc.temporal = at::vec::fmadd(e, e, acc.temporal);
-    if constexpr (kPair == 2) acc.velocity = at::vec::fmadd(u, u, acc.velocity);
-    if constexpr (kRaw) acc.smoothing = acc.smoothing + Lanes<AVec>::abs(sm);
-  }
-
+  in.cw = IO::load(pb.colw + c, count);
+  in.cw_keep = IO::load(pb.colw_keep + c, count);
   if constexpr (kGrads) {
-    if constexpr (kCouple) {
-      if (fv.gp_prev) IO::store(fv.gp_prev + c, done_pred, count);
-      if (fv.gt_prev) IO::store(fv.gt_prev + c, done_target, count);
-    }
-    IO::store(fv.pend_p + o, g_pred, count);
-    if (fv.gt) IO::store(fv.pend_t + o, g_target, count);
+    in.kd = IO::load(pb.kd + c, count);
+    in.kd_keep = IO::load(pb.kd_keep + c, count);
+  }
+  Pack g_pred, g_target, g_raw;
+  step_lanes<scalar_t, kRaw, kGrads, kPair, kNext, true, kOverlap>(in, k, pb.tail_lanes, acc, g_pred, g_target,
+                                                                    g_raw);
+  if constexpr (kGrads) {
+    if (fv.gp) IO::store(fv.gp + c, g_pred, count);
+    if (fv.gt) IO::store(fv.gt + c, g_target, count);
     if constexpr (kRaw) {
       if (fv.gr) IO::store(fv.gr + c, g_raw, count);
     }
   }
 }
 
-// Calls fn(c, o, count, overlap) for each step of a frame of C columns: full
+// Calls fn(c, count, overlap) for each step of a frame of C columns: full
 // steps, then (C not a multiple of kStep) either one overlapping step over
-// the final kStep columns into its own slot, or, when C < kStep, one partial step.
+// the final kStep columns, or, when C < kStep, one partial step.
 template <int64_t kStep, class Fn>
 KF_HD void for_each_step(int64_t cols, Fn&& fn) {
   const int64_t full_end = cols - cols % kStep;
   int64_t c = 0;
-  for (; c < full_end; c += kStep) fn(c, c, kStep, std::false_type{});
+  for (; c < full_end; c += kStep) fn(c, kStep, std::false_type{});
   if (c < cols) {
-    if (cols >= kStep) fn(cols - kStep, c, kStep, std::true_type{});
-    else fn(c, c, cols - c, std::false_type{});
+    if (cols >= kStep) fn(cols - kStep, kStep, std::true_type{});
+    else fn(c, cols - c, std::false_type{});
   }
 }
 
-template <typename scalar_t, bool kRaw, bool kGrads, int kPair, bool kCouple>
+template <typename scalar_t, bool kRaw, bool kGrads, int kPair, bool kNext>
 KF_HD void run_frame(const SequenceProblem<scalar_t>& pb, const FrameView<scalar_t>& fv,
                      const FrameCoefficients<scalar_t>& k, FrameSums<typename Io<scalar_t>::AVec>& acc) {
-  for_each_step<Io<scalar_t>::kStep>(pb.cols, [&](int64_t c, int64_t o, int64_t count, auto overlap) {
-    frame_step<scalar_t, kRaw, kGrads, kPair, kCouple, decltype(overlap)::value>(pb, fv, k, c, o, count, acc);
+  for_each_step<Io<scalar_t>::kStep>(pb.cols, [&](int64_t c, int64_t count, auto overlap) {
+    frame_step<scalar_t, kRaw, kGrads, kPair, kNext, decltype(overlap)::value>(pb, fv, k, c, count, acc);
   });
 }
 
-// The pending gradients of a frame, stored as they are (its next frame adds
-// no velocity share).
-template <typename scalar_t>
-KF_HD void store_pending(int64_t cols, const typename Io<scalar_t>::acc_t* pend_p,
-                         const typename Io<scalar_t>::acc_t* pend_t, grad_storage_t<scalar_t>* gp,
-                         grad_storage_t<scalar_t>* gt) {
-  using IO = Io<scalar_t>;
-  for_each_step<IO::kStep>(cols, [&](int64_t c, int64_t o, int64_t count, auto) {
-    if (gp) IO::store(gp + c, IO::load(pend_p + o, count), count);
-    if (gt) IO::store(gt + c, IO::load(pend_t + o, count), count);
-  });
+template <typename scalar_t, bool kRaw, bool kGrads, int kPair>
+KF_HD void run_frame_next(const SequenceProblem<scalar_t>& pb, const FrameView<scalar_t>& fv,
+                          const FrameCoefficients<scalar_t>& k, bool next,
+                          FrameSums<typename Io<scalar_t>::AVec>& acc) {
+  if constexpr (kGrads) {
+    if (next) return run_frame<scalar_t, kRaw, kGrads, kPair, true>(pb, fv, k, acc);
+  }
+  run_frame<scalar_t, kRaw, kGrads, kPair, false>(pb, fv, k, acc);
 }
 
-// The velocity share of frame f (the first frame of the next chunk) in the
-// gradients of frame f-1, added to f-1's pending gradients and stored: the
-// same expressions as frame_step's, so the same bits.
+// ----------------------------------------------------------------- flat loop
+
+// Where a flat run reads and writes: its first frame's rows (column stride 1,
+// frame stride C), element i of the run at offset i; the per-position tables.
 template <typename scalar_t>
-KF_HD void finish_with_next(const SequenceProblem<scalar_t>& pb, const FrameView<scalar_t>& fv,
-                            const FrameCoefficients<scalar_t>& k) {
+struct FlatView {
+  using acc_t = typename Io<scalar_t>::acc_t;
+  using grad_t = grad_storage_t<scalar_t>;
+  const scalar_t *pred, *target, *raw;
+  grad_t *gp, *gt, *gr;  // nullptr: not requested
+  const acc_t *kd, *kd_keep;
+  acc_t* sq;  // the chunk's sums of d^2 per position of the period (period + kStep)
+  int64_t cols, period;
+};
+
+// One step of a flat run: element i, position o of the period.
+template <typename scalar_t, bool kRaw, bool kGrads, bool kNext>
+KF_HD void flat_step(const FlatView<scalar_t>& v, const FrameCoefficients<scalar_t>& k, int64_t i, int64_t o,
+                     int64_t count, FrameSums<typename Io<scalar_t>::AVec>& acc) {
   using IO = Io<scalar_t>;
-  using AVec = typename IO::AVec;
   using Pack = typename IO::Pack;
-  for_each_step<IO::kStep>(pb.cols, [&](int64_t c, int64_t o, int64_t count, auto) {
-    const Pack p = load_columns(fv.pred, fv.pred_c, c, count);
-    const Pack g = load_columns(fv.target, fv.target_c, c, count);
-    const Pack q = load_columns(fv.q, fv.q_c, c, count);
-    const Pack s = load_columns(fv.s, fv.s_c, c, count);
-    const Pack pend_p = IO::load(fv.pend_p + o, count);
-    Pack pend_t{};
-    if (fv.gt_prev) pend_t = IO::load(fv.pend_t + o, count);
-    Pack done_pred, done_target;
-    for (int j = 0; j < IO::kParts; ++j) {
-      const AVec e = p[j] - q[j];
-      const AVec u = e - (g[j] - s[j]);
-      const AVec vg = temporal_gradient(u, k.velocity);
-      done_pred[j] = pend_p[j] - vg;
-      done_target[j] = pend_t[j] + vg;
+  const int64_t C = v.cols;
+  StepOperands<Pack> in{};
+  in.p = IO::load(v.pred + i, count);
+  in.g = IO::load(v.target + i, count);
+  if constexpr (kRaw) in.r = IO::load(v.raw + i, count);
+  in.q = IO::load(v.pred + i - C, count);
+  in.s = IO::load(v.target + i - C, count);
+  if constexpr (kNext) {
+    in.pn = IO::load(v.pred + i + C, count);
+    in.gn = IO::load(v.target + i + C, count);
+  }
+  if constexpr (kGrads) {
+    in.kd = IO::load(v.kd + o, count);
+    in.kd_keep = IO::load(v.kd_keep + o, count);
+  }
+  Pack g_pred, g_target, g_raw;
+  Pack sq = IO::load(v.sq + o, count);
+  step_lanes<scalar_t, kRaw, kGrads, 2, kNext, false, false, true>(in, k, Pack{}, acc, g_pred, g_target, g_raw,
+                                                                    &sq);
+  IO::store(v.sq + o, sq, count);
+  if constexpr (kGrads) {
+    if (v.gp) IO::store(v.gp + i, g_pred, count);
+    if (v.gt) IO::store(v.gt + i, g_target, count);
+    if constexpr (kRaw) {
+      if (v.gr) IO::store(v.gr + i, g_raw, count);
     }
-    if (fv.gp_prev) IO::store(fv.gp_prev + c, done_pred, count);
-    if (fv.gt_prev) IO::store(fv.gt_prev + c, done_target, count);
-  });
+  }
 }
 
+// Elements [i0, i1) of a flat run, i0 at position o of the period; kNext:
+// each of their frames gets its next frame's velocity share. Everything is
+// taken and returned by value, so that it stays in registers (no address
+// escapes to the gradient stores, which may alias any float).
+template <typename scalar_t, bool kRaw, bool kGrads, bool kNext>
+FrameSums<typename Io<scalar_t>::AVec> flat_range(const FlatView<scalar_t> v, const FrameCoefficients<scalar_t> k,
+                                                  int64_t i0, int64_t i1, int64_t o,
+                                                  FrameSums<typename Io<scalar_t>::AVec> acc) {
+  constexpr int64_t kStep = Io<scalar_t>::kStep;
+  int64_t i = i0;
+  for (; i + kStep <= i1; i += kStep) {
+    flat_step<scalar_t, kRaw, kGrads, kNext>(v, k, i, o, kStep, acc);
+    o += kStep;
+    if (o >= v.period) o -= v.period;
+  }
+  if (i < i1) flat_step<scalar_t, kRaw, kGrads, kNext>(v, k, i, o, i1 - i, acc);
+  return acc;
+}
+
+// Frames [fa, fb) of one window, all kFrameFull with t >= 1, contiguous:
+// one array. next_last: frame fb is in P_v of the same window (its velocity
+// share goes to frame fb-1); every earlier frame's next frame is in the run.
+template <typename scalar_t, bool kRaw, bool kGrads>
+FrameSums<typename Io<scalar_t>::AVec> run_flat(const SequenceProblem<scalar_t>& pb,
+                                                const FrameCoefficients<scalar_t>& k, int64_t fa, int64_t fb,
+                                                bool next_last, typename Io<scalar_t>::acc_t* sq,
+                                                FrameSums<typename Io<scalar_t>::AVec> acc) {
+  const int64_t T = pb.frames, C = pb.cols;
+  const int64_t b = fa / T, t = fa - b * T;
+  FlatView<scalar_t> v;
+  v.pred = pb.pred + b * pb.ps[0] + t * C;
+  v.target = pb.target + b * pb.ts[0] + t * C;
+  v.raw = kRaw ? pb.raw + b * pb.rs[0] + t * C : nullptr;
+  v.gp = pb.grad_pred ? pb.grad_pred + fa * C : nullptr;
+  v.gt = pb.grad_target ? pb.grad_target + fa * C : nullptr;
+  v.gr = pb.grad_raw ? pb.grad_raw + fa * C : nullptr;
+  v.kd = pb.flat_kd;
+  v.kd_keep = pb.flat_kd_keep;
+  v.sq = sq;
+  v.cols = C;
+  v.period = pb.period;
+  const int64_t n = (fb - fa) * C;
+  if constexpr (kGrads) {
+    if (k.velocity_on) {  // frames with a next frame's share, then the last one without
+      const int64_t coupled = next_last ? n : n - C;
+      acc = flat_range<scalar_t, kRaw, kGrads, true>(v, k, 0, coupled, 0, acc);
+      return flat_range<scalar_t, kRaw, kGrads, false>(v, k, coupled, n, coupled % pb.period, acc);
+    }
+  }
+  return flat_range<scalar_t, kRaw, kGrads, false>(v, k, 0, n, 0, acc);
+}
+
+// ------------------------------------------------------------------- chunks
+
 template <typename scalar_t>
-KF_HD void store_zero_row(grad_storage_t<scalar_t>* g, int64_t cols) {
-  if (g) std::fill(g, g + cols, grad_storage_t<scalar_t>(0));
+KF_HD void store_zero_rows(grad_storage_t<scalar_t>* g, int64_t n) {
+  if (g) std::fill(g, g + n, grad_storage_t<scalar_t>(0));
 }
 
 template <class AVec>
@@ -304,16 +430,12 @@ SequenceSums run_chunk(const SequenceProblem<scalar_t>& shared, int64_t f0, int6
   using IO = Io<scalar_t>;
   using AVec = typename IO::AVec;
   using acc_t = typename IO::acc_t;
-  using grad_t = grad_storage_t<scalar_t>;
 
   const int64_t T = pb.frames, C = pb.cols, N = pb.batch * pb.frames;
-  ScratchBuffer<acc_t, 256> pending(kGrads ? 2 * pb.slots : 0);
-  acc_t* pend_p = pending.data();
-  acc_t* pend_t = pending.data() + (kGrads ? pb.slots : 0);
 
-  // Pointers of frame f (b, t); q / s only when the frame has a pair.
-  const auto view = [&](int64_t f) {
-    const int64_t b = f / T, t = f - b * T;
+  // Pointers of frame f = (b, t); q / s only when t > 0 or prev is given.
+  const auto view = [&](int64_t f, int64_t t) {
+    const int64_t b = f / T;
     FrameView<scalar_t> v;
     v.pred = pb.pred + b * pb.ps[0] + t * pb.ps[1];
     v.target = pb.target + b * pb.ts[0] + t * pb.ts[1];
@@ -332,66 +454,81 @@ SequenceSums run_chunk(const SequenceProblem<scalar_t>& shared, int64_t f0, int6
       v.q_c = pb.prev_s[1];
       v.s_c = pb.prev_target_s[1];
     }
+    v.pn = v.pred + pb.ps[1];
+    v.gn = v.target + pb.ts[1];
     v.gp = pb.grad_pred ? pb.grad_pred + f * C : nullptr;
     v.gt = pb.grad_target ? pb.grad_target + f * C : nullptr;
     v.gr = pb.grad_raw ? pb.grad_raw + f * C : nullptr;
-    v.gp_prev = pb.grad_pred && f > 0 ? pb.grad_pred + (f - 1) * C : nullptr;
-    v.gt_prev = pb.grad_target && f > 0 ? pb.grad_target + (f - 1) * C : nullptr;
-    v.pend_p = pend_p;
-    v.pend_t = pend_t;
     return v;
+  };
+  // Frame f+1 (t+1 in the same window) sends a velocity share to frame f:
+  // its velocity coefficient, 0 when it sends none.
+  const auto next_velocity = [&](int64_t f, int64_t t) {
+    if (!kGrads || t + 1 >= T || f + 1 >= N || !(pb.flags[f + 1] & kFrameVelocityPair)) return acc_t(0);
+    return pb.k_velocity * frame_scale_of(pb, f + 1);
   };
 
   const AVec zero = zero_vec<AVec>();
   FrameSums<AVec> chunk{zero, zero, zero, zero, zero, zero};
-  bool pending_frame = false;  // frame f-1's gradients wait in pend_p / pend_t
-  for (int64_t f = f0; f < f1; ++f) {
+  const bool flat = pb.period > 0;
+  FrameCoefficients<scalar_t> flat_k = frame_coefficients(pb, 0);  // flat runs: no frame_scale
+  flat_k.velocity_next = flat_k.velocity;
+  const int64_t positions = flat ? pb.period + IO::kStep : 0;
+  ScratchBuffer<acc_t, kMaxSequencePeriod + 64> flat_sq(positions);
+  int64_t t = f0 % T;
+  for (int64_t f = f0; f < f1;) {
     const uint8_t flags = pb.flags[f];
-    const FrameView<scalar_t> fv = view(f);
-    const FrameCoefficients<scalar_t> k = frame_coefficients(pb, f);
-    const bool velocity_pair = (flags & kFrameVelocityPair) != 0;
-    // f-1 pending implies it is valid; t > 0 keeps it in the same window.
-    const bool couple = kGrads && pending_frame && (f % T) != 0 && velocity_pair && k.velocity_on;
-    if (kGrads && pending_frame && !couple) store_pending<scalar_t>(C, pend_p, pend_t, fv.gp_prev, fv.gt_prev);
-    pending_frame = false;
-    if (!(flags & kFrameValid)) {  // never read; gradients exactly 0
-      if constexpr (kGrads) {
-        store_zero_row<scalar_t>(fv.gp, C);
-        store_zero_row<scalar_t>(fv.gt, C);
-        store_zero_row<scalar_t>(fv.gr, C);
+    if (flat && t > 0 && flags == kFrameFull) {  // a flat run: frames [f, fb) of this window
+      int64_t fb = f + 1, tb = t + 1;
+      for (; fb < f1 && tb < T && pb.flags[fb] == kFrameFull; ++fb, ++tb) {
       }
-      if (pb.frame_terms) {
-        std::fill(pb.frame_terms + f * kNumSequenceTerms, pb.frame_terms + (f + 1) * kNumSequenceTerms, acc_t(0));
-        pb.frame_total[f] = acc_t(0);
-      }
+      const bool next_last = next_velocity(fb - 1, tb - 1) != acc_t(0);
+      chunk = run_flat<scalar_t, kRaw, kGrads>(pb, flat_k, f, fb, next_last, flat_sq.data(), chunk);
+      f = fb;
+      t = tb == T ? 0 : tb;
       continue;
     }
-    FrameSums<AVec> acc{zero, zero, zero, zero, zero, zero};
-    if (velocity_pair) {
-      if (couple) run_frame<scalar_t, kRaw, kGrads, 2, kGrads>(pb, fv, k, acc);
-      else run_frame<scalar_t, kRaw, kGrads, 2, false>(pb, fv, k, acc);
-    } else if (flags & kFramePair) {
-      run_frame<scalar_t, kRaw, kGrads, 1, false>(pb, fv, k, acc);
-    } else {
-      run_frame<scalar_t, kRaw, kGrads, 0, false>(pb, fv, k, acc);
+    if (!(flags & kFrameValid)) {  // frames [f, fb) never read; gradients exactly 0
+      int64_t fb = f + 1;
+      while (fb < f1 && !(pb.flags[fb] & kFrameValid)) ++fb;
+      if constexpr (kGrads) {
+        store_zero_rows<scalar_t>(pb.grad_pred ? pb.grad_pred + f * C : nullptr, (fb - f) * C);
+        store_zero_rows<scalar_t>(pb.grad_target ? pb.grad_target + f * C : nullptr, (fb - f) * C);
+        store_zero_rows<scalar_t>(pb.grad_raw ? pb.grad_raw + f * C : nullptr, (fb - f) * C);
+      }
+      if (pb.frame_terms) {
+        std::fill(pb.frame_terms + f * kNumSequenceTerms, pb.frame_terms + fb * kNumSequenceTerms, acc_t(0));
+        std::fill(pb.frame_total + f, pb.frame_total + fb, acc_t(0));
+      }
+      t = (t + (fb - f)) % T;
+      f = fb;
+      continue;
     }
-    pending_frame = kGrads;
+    const FrameView<scalar_t> fv = view(f, t);
+    FrameCoefficients<scalar_t> k = frame_coefficients(pb, f);
+    const acc_t vn = next_velocity(f, t);
+    k.velocity_next = AVec(vn);
+    const bool next = vn != acc_t(0);
+    FrameSums<AVec> acc{zero, zero, zero, zero, zero, zero};
+    if (flags & kFrameVelocityPair) run_frame_next<scalar_t, kRaw, kGrads, 2>(pb, fv, k, next, acc);
+    else if (flags & kFramePair) run_frame_next<scalar_t, kRaw, kGrads, 1>(pb, fv, k, next, acc);
+    else run_frame_next<scalar_t, kRaw, kGrads, 0>(pb, fv, k, next, acc);
 
     if (pb.frame_terms) {  // reduction "none": this frame's six terms and total
       const double inv_c = 1.0 / static_cast<double>(C), scale = static_cast<double>(k.scale);
-      double t[kNumSequenceTerms];
-      t[kMse] = horizontal_sum(acc.sq) * inv_c;
-      t[kL1] = horizontal_sum(acc.abs) * inv_c;
-      t[kPerceptual] = horizontal_sum(acc.perceptual);
-      t[kTemporal] = horizontal_sum(acc.temporal) * inv_c;
-      t[kSmoothing] = horizontal_sum(acc.smoothing) * inv_c;
-      t[kVelocity] = horizontal_sum(acc.velocity) * inv_c;
+      double terms[kNumSequenceTerms];
+      terms[kMse] = horizontal_sum(acc.sq) * inv_c;
+      terms[kL1] = horizontal_sum(acc.abs) * inv_c;
+      terms[kPerceptual] = horizontal_sum(acc.perceptual);
+      terms[kTemporal] = horizontal_sum(acc.temporal) * inv_c;
+      terms[kSmoothing] = horizontal_sum(acc.smoothing) * inv_c;
+      terms[kVelocity] = horizontal_sum(acc.velocity) * inv_c;
       double total = 0.0;
       acc_t* out = pb.frame_terms + f * kNumSequenceTerms;
       for (int i = 0; i < kNumSequenceTerms; ++i) {
-        t[i] *= scale;
-        out[i] = static_cast<acc_t>(t[i]);
-        if (pb.weights[i] > 0.0) total += pb.weights[i] * t[i];
+        terms[i] *= scale;
+        out[i] = static_cast<acc_t>(terms[i]);
+        if (pb.weights[i] > 0.0) total += pb.weights[i] * terms[i];
       }
       pb.frame_total[f] = static_cast<acc_t>(total);
     } else if (pb.frame_scale) {
@@ -410,16 +547,13 @@ SequenceSums run_chunk(const SequenceProblem<scalar_t>& shared, int64_t f0, int6
       chunk.smoothing = chunk.smoothing + acc.smoothing;
       chunk.velocity = chunk.velocity + acc.velocity;
     }
+    ++f;
+    if (++t == T) t = 0;
   }
-  if (kGrads && pending_frame) {  // the chunk's last frame, f1 - 1
-    const bool next_in_window = f1 < N && (f1 % T) != 0 && (pb.flags[f1] & kFrameVelocityPair);
-    if (next_in_window && frame_coefficients(pb, f1).velocity_on) {
-      finish_with_next(pb, view(f1), frame_coefficients(pb, f1));
-    } else {
-      grad_t* gp = pb.grad_pred ? pb.grad_pred + (f1 - 1) * C : nullptr;
-      grad_t* gt = pb.grad_target ? pb.grad_target + (f1 - 1) * C : nullptr;
-      store_pending<scalar_t>(C, pend_p, pend_t, gp, gt);
-    }
+  for (int64_t o = 0; o < positions; o += AVec::size()) {  // the flat runs' d^2, weighed once
+    const AVec v = AVec::loadu(flat_sq.data() + o), w = AVec::loadu(pb.flat_colw + o);
+    chunk.sq = chunk.sq + v;
+    chunk.perceptual = chunk.perceptual + (AVec::loadu(pb.flat_colw_keep + o) & (w * v));
   }
   const double inv_c = 1.0 / static_cast<double>(C);
   SequenceSums out;
@@ -473,9 +607,19 @@ void sequence_typed(SequenceArgs& a) {
   pb.k_temporal = static_cast<acc_t>(2.0 * w[kTemporal] / (c * den[kTemporal]));
   pb.k_velocity = static_cast<acc_t>(2.0 * w[kVelocity] / (c * den[kVelocity]));
 
-  // Per-column tables, padded with zeros to whole steps.
+  // Flat runs (run_flat): pred, target and raw with column stride 1 and
+  // frame stride C, one scale for every frame, reduction "mean" / "sum".
+  const auto packed = [&](const int64_t* s) { return s[2] == 1 && s[1] == C; };
+  const int64_t period = std::lcm(C, kStep);
+  const bool flat = packed(pb.ps) && packed(pb.ts) && (!kRaw || packed(pb.rs)) && !pb.frame_scale &&
+                    !pb.frame_terms && period <= kMaxSequencePeriod;
+  pb.period = flat ? period : 0;
+  const int64_t positions = flat ? period + kStep : 0;
+
+  // Per-column tables, padded with zeros to whole steps, then the flat
+  // runs' per-position ones.
   const auto* colw = static_cast<const acc_t*>(a.column_weights);
-  ScratchBuffer<acc_t, 1024> tables(4 * pb.slots);
+  ScratchBuffer<acc_t, 2048> tables(4 * pb.slots + 4 * positions);
   acc_t* kd = tables.data();
   acc_t* kd_keep = kd + pb.slots;
   acc_t* cw = kd_keep + pb.slots;
@@ -497,6 +641,18 @@ void sequence_typed(SequenceArgs& a) {
   pb.kd_keep = kd_keep;
   pb.colw = cw;
   pb.colw_keep = cw_keep;
+  acc_t* flat_tables = tables.data() + 4 * pb.slots;
+  for (int64_t o = 0; o < positions; ++o) {
+    const int64_t i = o % C;
+    flat_tables[o] = kd[i];
+    flat_tables[positions + o] = kd_keep[i];
+    flat_tables[2 * positions + o] = cw[i];
+    flat_tables[3 * positions + o] = cw_keep[i];
+  }
+  pb.flat_kd = flat_tables;
+  pb.flat_kd_keep = flat_tables + positions;
+  pb.flat_colw = flat_tables + 2 * positions;
+  pb.flat_colw_keep = flat_tables + 3 * positions;
 
   alignas(64) acc_t lanes[kStep];
   const int64_t full_end = C - C % kStep;

@@ -353,20 +353,22 @@ def test_setup_compiles_the_files_in_the_listed_order(tmp_path):
     code = f"""
 import os
 os.environ[{config.CPU_ONLY_VAR!r}] = "1"
-import runpy, setuptools
-from setuptools._distutils.ccompiler import CCompiler
+import runpy, setuptools, sys
 captured = {{}}
 setuptools.setup = captured.update  # run setup.py up to its setup() call
 runpy.run_path("setup.py", run_name="__main__")
-class Recorder(CCompiler):
+dist = setuptools.Distribution(captured)
+cmd = captured["cmdclass"]["build_ext"](dist)
+cmd.ensure_finalized()
+# The CCompiler class build_ext checks against: the one of the distutils
+# module it comes from (setuptools' copy may be loaded under two names).
+base = next(c for c in type(cmd).__mro__ if c.__module__.endswith("distutils.command.build_ext"))
+class Recorder(sys.modules[base.__module__].CCompiler):
     executables = {{}}
 
     def compile(self, sources, *args, **kwargs):
         print("ORDER", ",".join(os.path.basename(s) for s in sources))
         raise SystemExit(0)
-dist = setuptools.Distribution(captured)
-cmd = captured["cmdclass"]["build_ext"](dist)
-cmd.ensure_finalized()
 cmd.force = True
 cmd.compiler = Recorder()
 cmd.build_extension(captured["ext_modules"][0])
