@@ -944,6 +944,9 @@ def sequence_step_factory(case: SequenceCase, seed: int = 0) -> Callable[[str], 
         if provider == "eager":
             return loss_step("eager", eager)
         if provider == "compile":
+            from ._loader import import_cpp_extension
+
+            import_cpp_extension()  # inductor imports it: without its CPU-only "No CUDA runtime" warning
             compiled = torch.compile(eager, dynamic=False)
             t0 = time.perf_counter()
             loss_step("compile", compiled).fn()
