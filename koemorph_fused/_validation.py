@@ -282,8 +282,13 @@ def check_sequence_inputs(
     if lengths is not None:
         lengths = _check_frame_tensor("lengths", lengths, ((batch,),), device, integer=True)
         if batch:
-            _check_values("lengths", ((lengths >= 0) & (lengths <= frames)).all(),
-                          f"lengths must be in [0, T] = [0, {frames}]")
+            message = f"lengths must be in [0, T] = [0, {frames}]"
+            if lengths.is_cpu and _values_readable(lengths):
+                low, high = torch.aminmax(lengths)  # one small op, read on the host
+                if int(low) < 0 or int(high) > frames:
+                    raise ValueError(message)
+            else:
+                _check_values("lengths", ((lengths >= 0) & (lengths <= frames)).all(), message)
     if mask is not None:
         mask = _check_frame_tensor("mask", mask, ((batch, frames),), device)
         _check_zero_one("mask", mask)
