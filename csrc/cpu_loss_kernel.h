@@ -39,10 +39,6 @@ namespace cpu::CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
-// Contiguous inputs whose column pattern repeats within this many elements
-// (lcm(C, step)) take the flat path; its per-period arrays stay in L1.
-constexpr int64_t kMaxFlatPeriod = 1024;
-
 template <typename scalar_t>
 struct Problem {
   using IO = Io<scalar_t>;

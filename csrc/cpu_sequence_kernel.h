@@ -45,8 +45,6 @@ using SequenceSums = std::array<double, kNumSequenceTerms>;
 
 // A frame in V, P and P_v: what every frame of a flat run is.
 constexpr uint8_t kFrameFull = kFrameValid | kFramePair | kFrameVelocityPair;
-// Flat runs need the per-position tables of one period (lcm(C, kStep)) in L1.
-constexpr int64_t kMaxSequencePeriod = 1024;
 
 template <typename scalar_t>
 struct SequenceProblem {
@@ -129,6 +127,21 @@ template <class AVec>
 struct FrameSums {
   AVec sq, abs, perceptual, temporal, smoothing, velocity;
 };
+
+// The six terms' sums from running sums over C columns: every term is a mean
+// over the columns except perceptual, whose column weights hold the 1/|group|.
+template <class AVec>
+SequenceSums term_sums(const FrameSums<AVec>& acc, int64_t cols) {
+  const double inv_c = 1.0 / static_cast<double>(cols);
+  SequenceSums out;
+  out[kMse] = horizontal_sum(acc.sq) * inv_c;
+  out[kL1] = horizontal_sum(acc.abs) * inv_c;
+  out[kPerceptual] = horizontal_sum(acc.perceptual);
+  out[kTemporal] = horizontal_sum(acc.temporal) * inv_c;
+  out[kSmoothing] = horizontal_sum(acc.smoothing) * inv_c;
+  out[kVelocity] = horizontal_sum(acc.velocity) * inv_c;
+  return out;
+}
 
 // The operands of one step, as vectors of the accumulation type: this
 // frame's pred, target, raw; the previous frame's pred and target (q, s);
@@ -474,7 +487,7 @@ SequenceSums run_chunk(const SequenceProblem<scalar_t>& shared, int64_t f0, int6
   FrameCoefficients<scalar_t> flat_k = frame_coefficients(pb, 0);  // flat runs: no frame_scale
   flat_k.velocity_next = flat_k.velocity;
   const int64_t positions = flat ? pb.period + IO::kStep : 0;
-  ScratchBuffer<acc_t, kMaxSequencePeriod + 64> flat_sq(positions);
+  ScratchBuffer<acc_t, kMaxFlatPeriod + 64> flat_sq(positions);
   int64_t t = f0 % T;
   for (int64_t f = f0; f < f1;) {
     const uint8_t flags = pb.flags[f];
@@ -515,14 +528,8 @@ SequenceSums run_chunk(const SequenceProblem<scalar_t>& shared, int64_t f0, int6
     else run_frame_next<scalar_t, kRaw, kGrads, 0>(pb, fv, k, next, acc);
 
     if (pb.frame_terms) {  // reduction "none": this frame's six terms and total
-      const double inv_c = 1.0 / static_cast<double>(C), scale = static_cast<double>(k.scale);
-      double terms[kNumSequenceTerms];
-      terms[kMse] = horizontal_sum(acc.sq) * inv_c;
-      terms[kL1] = horizontal_sum(acc.abs) * inv_c;
-      terms[kPerceptual] = horizontal_sum(acc.perceptual);
-      terms[kTemporal] = horizontal_sum(acc.temporal) * inv_c;
-      terms[kSmoothing] = horizontal_sum(acc.smoothing) * inv_c;
-      terms[kVelocity] = horizontal_sum(acc.velocity) * inv_c;
+      const double scale = static_cast<double>(k.scale);
+      SequenceSums terms = term_sums(acc, C);
       double total = 0.0;
       acc_t* out = pb.frame_terms + f * kNumSequenceTerms;
       for (int i = 0; i < kNumSequenceTerms; ++i) {
@@ -555,15 +562,7 @@ SequenceSums run_chunk(const SequenceProblem<scalar_t>& shared, int64_t f0, int6
     chunk.sq = chunk.sq + v;
     chunk.perceptual = chunk.perceptual + (AVec::loadu(pb.flat_colw_keep + o) & (w * v));
   }
-  const double inv_c = 1.0 / static_cast<double>(C);
-  SequenceSums out;
-  out[kMse] = horizontal_sum(chunk.sq) * inv_c;
-  out[kL1] = horizontal_sum(chunk.abs) * inv_c;
-  out[kPerceptual] = horizontal_sum(chunk.perceptual);
-  out[kTemporal] = horizontal_sum(chunk.temporal) * inv_c;
-  out[kSmoothing] = horizontal_sum(chunk.smoothing) * inv_c;
-  out[kVelocity] = horizontal_sum(chunk.velocity) * inv_c;
-  return out;
+  return term_sums(chunk, C);
 }
 
 template <typename scalar_t, bool kRaw, bool kGrads>
@@ -612,7 +611,7 @@ void sequence_typed(SequenceArgs& a) {
   const auto packed = [&](const int64_t* s) { return s[2] == 1 && s[1] == C; };
   const int64_t period = std::lcm(C, kStep);
   const bool flat = packed(pb.ps) && packed(pb.ts) && (!kRaw || packed(pb.rs)) && !pb.frame_scale &&
-                    !pb.frame_terms && period <= kMaxSequencePeriod;
+                    !pb.frame_terms && period <= kMaxFlatPeriod;
   pb.period = flat ? period : 0;
   const int64_t positions = flat ? period + kStep : 0;
 

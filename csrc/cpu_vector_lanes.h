@@ -61,6 +61,10 @@ using at::vec::Vectorized;
 constexpr int64_t kChunkElements = 4096;
 // Threads are only woken when each gets at least this many elements.
 constexpr int64_t kMinElementsPerThread = 16384;
+// Contiguous inputs whose column pattern repeats within this many elements
+// (lcm(C, step)) take a flat path (rows, or runs of full frames); its
+// per-period arrays stay in L1.
+constexpr int64_t kMaxFlatPeriod = 1024;
 
 // Where the gradients are kept between forward and backward: float32 for
 // float16 inputs, whose narrow exponent range would flush small gradients
