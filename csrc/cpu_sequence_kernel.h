@@ -128,10 +128,23 @@ struct FrameSums {
   AVec sq, abs, perceptual, temporal, smoothing, velocity;
 };
 
+// What a loop's steps add to, in two locals of three vectors: the sums of
+// d = pred - target, and the others. GCC keeps an aggregate in registers
+// only up to its scalarization size limit; one of six AVX2 vectors (192
+// bytes) stayed in memory, a store-to-load chain of about ten cycles per step.
+template <class AVec>
+struct DiffSums {
+  AVec sq, abs, perceptual;
+};
+template <class AVec>
+struct OtherSums {
+  AVec temporal, smoothing, velocity;
+};
+
 // The six terms' sums from running sums over C columns: every term is a mean
 // over the columns except perceptual, whose column weights hold the 1/|group|.
 template <class AVec>
-SequenceSums term_sums(const FrameSums<AVec>& acc, int64_t cols) {
+SequenceSums term_sums(const FrameSums<AVec> acc, int64_t cols) {
   const double inv_c = 1.0 / static_cast<double>(cols);
   SequenceSums out;
   out[kMse] = horizontal_sum(acc.sq) * inv_c;
@@ -162,7 +175,8 @@ struct StepOperands {
 template <typename scalar_t, bool kRaw, bool kGrads, int kPair, bool kNext, bool kScaled, bool kOverlap,
           bool kSlots = false>
 KF_HD void step_lanes(const StepOperands<typename Io<scalar_t>::Pack>& in, const FrameCoefficients<scalar_t>& k,
-                      const typename Io<scalar_t>::Pack& tail, FrameSums<typename Io<scalar_t>::AVec>& acc,
+                      const typename Io<scalar_t>::Pack& tail, DiffSums<typename Io<scalar_t>::AVec>& ds,
+                      OtherSums<typename Io<scalar_t>::AVec>& os,
                       typename Io<scalar_t>::Pack& g_pred, typename Io<scalar_t>::Pack& g_target,
                       typename Io<scalar_t>::Pack& g_raw, typename Io<scalar_t>::Pack* sq = nullptr) {
   using IO = Io<scalar_t>;
@@ -218,13 +232,13 @@ KF_HD void step_lanes(const StepOperands<typename Io<scalar_t>::Pack>& in, const
       (*sq)[j] = at::vec::fmadd(d, d, (*sq)[j]);
     } else {
       const AVec d2 = d * d;
-      acc.sq = acc.sq + d2;
-      acc.perceptual = acc.perceptual + (in.cw_keep[j] & (in.cw[j] * d2));  // colw = 0: not in the term
+      ds.sq = ds.sq + d2;
+      ds.perceptual = ds.perceptual + (in.cw_keep[j] & (in.cw[j] * d2));  // colw = 0: not in the term
     }
-    acc.abs = acc.abs + Lanes<AVec>::abs(d);
-    if constexpr (kPair >= 1) acc.temporal = at::vec::fmadd(e, e, acc.temporal);
-    if constexpr (kPair == 2) acc.velocity = at::vec::fmadd(u, u, acc.velocity);
-    if constexpr (kRaw) acc.smoothing = acc.smoothing + Lanes<AVec>::abs(sm);
+    ds.abs = ds.abs + Lanes<AVec>::abs(d);
+    if constexpr (kPair >= 1) os.temporal = at::vec::fmadd(e, e, os.temporal);
+    if constexpr (kPair == 2) os.velocity = at::vec::fmadd(u, u, os.velocity);
+    if constexpr (kRaw) os.smoothing = os.smoothing + Lanes<AVec>::abs(sm);
   }
 }
 
@@ -258,7 +272,7 @@ KF_HD typename Io<scalar_t>::Pack load_columns(const scalar_t* row, int64_t stri
 template <typename scalar_t, bool kRaw, bool kGrads, int kPair, bool kNext, bool kOverlap>
 KF_HD void frame_step(const SequenceProblem<scalar_t>& pb, const FrameView<scalar_t>& fv,
                       const FrameCoefficients<scalar_t>& k, int64_t c, int64_t count,
-                      FrameSums<typename Io<scalar_t>::AVec>& acc) {
+                      DiffSums<typename Io<scalar_t>::AVec>& ds, OtherSums<typename Io<scalar_t>::AVec>& os) {
   using IO = Io<scalar_t>;
   using Pack = typename IO::Pack;
   StepOperands<Pack> in{};
@@ -278,7 +292,7 @@ KF_HD void frame_step(const SequenceProblem<scalar_t>& pb, const FrameView<scala
     in.kd_keep = IO::load(pb.kd_keep + c, count);
   }
   Pack g_pred, g_target, g_raw;
-  step_lanes<scalar_t, kRaw, kGrads, kPair, kNext, true, kOverlap>(in, k, pb.tail_lanes, acc, g_pred, g_target,
+  step_lanes<scalar_t, kRaw, kGrads, kPair, kNext, true, kOverlap>(in, k, pb.tail_lanes, ds, os, g_pred, g_target,
                                                                     g_raw);
   if constexpr (kGrads) {
     if (fv.gp) IO::store(fv.gp + c, g_pred, count);
@@ -303,22 +317,29 @@ KF_HD void for_each_step(int64_t cols, Fn&& fn) {
   }
 }
 
+// One frame's sums, kept in DiffSums / OtherSums locals and returned by value.
 template <typename scalar_t, bool kRaw, bool kGrads, int kPair, bool kNext>
-KF_HD void run_frame(const SequenceProblem<scalar_t>& pb, const FrameView<scalar_t>& fv,
-                     const FrameCoefficients<scalar_t>& k, FrameSums<typename Io<scalar_t>::AVec>& acc) {
+KF_HD FrameSums<typename Io<scalar_t>::AVec> run_frame(const SequenceProblem<scalar_t>& pb,
+                                                       const FrameView<scalar_t>& fv,
+                                                       const FrameCoefficients<scalar_t>& k) {
+  using AVec = typename Io<scalar_t>::AVec;
+  const AVec zero(typename AVec::value_type(0));
+  DiffSums<AVec> ds{zero, zero, zero};
+  OtherSums<AVec> os{zero, zero, zero};
   for_each_step<Io<scalar_t>::kStep>(pb.cols, [&](int64_t c, int64_t count, auto overlap) {
-    frame_step<scalar_t, kRaw, kGrads, kPair, kNext, decltype(overlap)::value>(pb, fv, k, c, count, acc);
+    frame_step<scalar_t, kRaw, kGrads, kPair, kNext, decltype(overlap)::value>(pb, fv, k, c, count, ds, os);
   });
+  return {ds.sq, ds.abs, ds.perceptual, os.temporal, os.smoothing, os.velocity};
 }
 
 template <typename scalar_t, bool kRaw, bool kGrads, int kPair>
-KF_HD void run_frame_next(const SequenceProblem<scalar_t>& pb, const FrameView<scalar_t>& fv,
-                          const FrameCoefficients<scalar_t>& k, bool next,
-                          FrameSums<typename Io<scalar_t>::AVec>& acc) {
+KF_HD FrameSums<typename Io<scalar_t>::AVec> run_frame_next(const SequenceProblem<scalar_t>& pb,
+                                                            const FrameView<scalar_t>& fv,
+                                                            const FrameCoefficients<scalar_t>& k, bool next) {
   if constexpr (kGrads) {
-    if (next) return run_frame<scalar_t, kRaw, kGrads, kPair, true>(pb, fv, k, acc);
+    if (next) return run_frame<scalar_t, kRaw, kGrads, kPair, true>(pb, fv, k);
   }
-  run_frame<scalar_t, kRaw, kGrads, kPair, false>(pb, fv, k, acc);
+  return run_frame<scalar_t, kRaw, kGrads, kPair, false>(pb, fv, k);
 }
 
 // ----------------------------------------------------------------- flat loop
@@ -336,10 +357,13 @@ struct FlatView {
   int64_t cols, period;
 };
 
-// One step of a flat run: element i, position o of the period.
-template <typename scalar_t, bool kRaw, bool kGrads, bool kNext>
+// One step of a flat run: element i, position o of the period. kTarget:
+// target's gradient is stored (otherwise the compiler drops its arithmetic,
+// which also frees a register for the running sums).
+template <typename scalar_t, bool kRaw, bool kGrads, bool kNext, bool kTarget>
 KF_HD void flat_step(const FlatView<scalar_t>& v, const FrameCoefficients<scalar_t>& k, int64_t i, int64_t o,
-                     int64_t count, FrameSums<typename Io<scalar_t>::AVec>& acc) {
+                     int64_t count, DiffSums<typename Io<scalar_t>::AVec>& ds,
+                     OtherSums<typename Io<scalar_t>::AVec>& os) {
   using IO = Io<scalar_t>;
   using Pack = typename IO::Pack;
   const int64_t C = v.cols;
@@ -359,12 +383,12 @@ KF_HD void flat_step(const FlatView<scalar_t>& v, const FrameCoefficients<scalar
   }
   Pack g_pred, g_target, g_raw;
   Pack sq = IO::load(v.sq + o, count);
-  step_lanes<scalar_t, kRaw, kGrads, 2, kNext, false, false, true>(in, k, Pack{}, acc, g_pred, g_target, g_raw,
+  step_lanes<scalar_t, kRaw, kGrads, 2, kNext, false, false, true>(in, k, Pack{}, ds, os, g_pred, g_target, g_raw,
                                                                     &sq);
   IO::store(v.sq + o, sq, count);
   if constexpr (kGrads) {
     if (v.gp) IO::store(v.gp + i, g_pred, count);
-    if (v.gt) IO::store(v.gt + i, g_target, count);
+    if constexpr (kTarget) IO::store(v.gt + i, g_target, count);
     if constexpr (kRaw) {
       if (v.gr) IO::store(v.gr + i, g_raw, count);
     }
@@ -372,22 +396,24 @@ KF_HD void flat_step(const FlatView<scalar_t>& v, const FrameCoefficients<scalar
 }
 
 // Elements [i0, i1) of a flat run, i0 at position o of the period; kNext:
-// each of their frames gets its next frame's velocity share. Everything is
-// taken and returned by value, so that it stays in registers (no address
-// escapes to the gradient stores, which may alias any float).
-template <typename scalar_t, bool kRaw, bool kGrads, bool kNext>
+// each of their frames gets its next frame's velocity share. The running
+// sums come in and go out by value and live in locals meanwhile.
+template <typename scalar_t, bool kRaw, bool kGrads, bool kNext, bool kTarget>
 FrameSums<typename Io<scalar_t>::AVec> flat_range(const FlatView<scalar_t> v, const FrameCoefficients<scalar_t> k,
                                                   int64_t i0, int64_t i1, int64_t o,
-                                                  FrameSums<typename Io<scalar_t>::AVec> acc) {
+                                                  const FrameSums<typename Io<scalar_t>::AVec> sums) {
   constexpr int64_t kStep = Io<scalar_t>::kStep;
+  using AVec = typename Io<scalar_t>::AVec;
+  DiffSums<AVec> ds{sums.sq, sums.abs, sums.perceptual};
+  OtherSums<AVec> os{sums.temporal, sums.smoothing, sums.velocity};
   int64_t i = i0;
   for (; i + kStep <= i1; i += kStep) {
-    flat_step<scalar_t, kRaw, kGrads, kNext>(v, k, i, o, kStep, acc);
+    flat_step<scalar_t, kRaw, kGrads, kNext, kTarget>(v, k, i, o, kStep, ds, os);
     o += kStep;
     if (o >= v.period) o -= v.period;
   }
-  if (i < i1) flat_step<scalar_t, kRaw, kGrads, kNext>(v, k, i, o, i1 - i, acc);
-  return acc;
+  if (i < i1) flat_step<scalar_t, kRaw, kGrads, kNext, kTarget>(v, k, i, o, i1 - i, ds, os);
+  return {ds.sq, ds.abs, ds.perceptual, os.temporal, os.smoothing, os.velocity};
 }
 
 // Frames [fa, fb) of one window, all kFrameFull with t >= 1, contiguous:
@@ -413,14 +439,18 @@ FrameSums<typename Io<scalar_t>::AVec> run_flat(const SequenceProblem<scalar_t>&
   v.cols = C;
   v.period = pb.period;
   const int64_t n = (fb - fa) * C;
+  const auto range = [&](auto next, int64_t i0, int64_t i1, FrameSums<typename Io<scalar_t>::AVec> sums) {
+    constexpr bool kNext = decltype(next)::value;
+    if (kGrads && v.gt) return flat_range<scalar_t, kRaw, kGrads, kNext, kGrads>(v, k, i0, i1, i0 % v.period, sums);
+    return flat_range<scalar_t, kRaw, kGrads, kNext, false>(v, k, i0, i1, i0 % v.period, sums);
+  };
   if constexpr (kGrads) {
     if (k.velocity_on) {  // frames with a next frame's share, then the last one without
       const int64_t coupled = next_last ? n : n - C;
-      acc = flat_range<scalar_t, kRaw, kGrads, true>(v, k, 0, coupled, 0, acc);
-      return flat_range<scalar_t, kRaw, kGrads, false>(v, k, coupled, n, coupled % pb.period, acc);
+      return range(std::false_type{}, coupled, n, range(std::true_type{}, 0, coupled, acc));
     }
   }
-  return flat_range<scalar_t, kRaw, kGrads, false>(v, k, 0, n, 0, acc);
+  return range(std::false_type{}, 0, n, acc);
 }
 
 // ------------------------------------------------------------------- chunks
@@ -522,10 +552,10 @@ SequenceSums run_chunk(const SequenceProblem<scalar_t>& shared, int64_t f0, int6
     const acc_t vn = next_velocity(f, t);
     k.velocity_next = AVec(vn);
     const bool next = vn != acc_t(0);
-    FrameSums<AVec> acc{zero, zero, zero, zero, zero, zero};
-    if (flags & kFrameVelocityPair) run_frame_next<scalar_t, kRaw, kGrads, 2>(pb, fv, k, next, acc);
-    else if (flags & kFramePair) run_frame_next<scalar_t, kRaw, kGrads, 1>(pb, fv, k, next, acc);
-    else run_frame_next<scalar_t, kRaw, kGrads, 0>(pb, fv, k, next, acc);
+    const FrameSums<AVec> acc = (flags & kFrameVelocityPair)
+                                    ? run_frame_next<scalar_t, kRaw, kGrads, 2>(pb, fv, k, next)
+                                : (flags & kFramePair) ? run_frame_next<scalar_t, kRaw, kGrads, 1>(pb, fv, k, next)
+                                                       : run_frame_next<scalar_t, kRaw, kGrads, 0>(pb, fv, k, next);
 
     if (pb.frame_terms) {  // reduction "none": this frame's six terms and total
       const double scale = static_cast<double>(k.scale);
