@@ -216,8 +216,8 @@ def main(args: argparse.Namespace) -> int:
     if output is None:  # the default, beside the CSV: checked like an explicit -o
         output = os.path.splitext(source)[0] + ".png"
         if _same_file(source, output):
-            raise CommandLineError(f"{source}: the image RUN.png would write over its input; name the image "
-                                   "with -o")
+            raise CommandLineError(f"{source}: the default image (the CSV's name with .png) would write over its "
+                                   "input; name the image with -o")
         try:
             output = plot_file(output)
         except argparse.ArgumentTypeError as e:
