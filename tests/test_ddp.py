@@ -10,10 +10,9 @@ import tempfile
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import koemorph_fused as kf
-from helpers import free_port
+from helpers import free_port, spawn_workers
 
 ROWS = 64
 
@@ -53,7 +52,7 @@ def worker(rank, world, port, out_path):
 def test_ddp_two_processes_equal_one_process():
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "grads.pt")
-        mp.spawn(worker, args=(2, free_port(), out), nprocs=2, join=True)
+        spawn_workers(worker, 2, free_port(), out)
         ddp_grads = torch.load(out)
 
     model = make_model()

@@ -24,10 +24,9 @@ import tempfile
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import koemorph_fused as kf
-from helpers import free_port
+from helpers import free_port, spawn_workers
 
 B, T, F, C = 6, 10, 12, 52
 #: Rank 0 gets clips 0-3 (long ones), rank 1 clips 4-5 (one short, one empty): 34 frames against 3.
@@ -95,7 +94,7 @@ def worker(rank, world, port, out_path):
 def test_ddp_with_uneven_lengths_equals_one_process():
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "results.pt")
-        mp.spawn(worker, args=(2, free_port(), out), nprocs=2, join=True)
+        spawn_workers(worker, 2, free_port(), out)
         results = torch.load(out)
 
     model = make_model()
