@@ -348,16 +348,21 @@ def test_setup_py_runs_and_says_what_it_builds():
     assert "Traceback" not in result.stderr
 
 
-def test_setup_compiles_the_files_in_the_listed_order(tmp_path):
-    """Longest first (config.CPU_SOURCES), not by name as setuptools sorts them."""
-    code = f"""
-import os
+# A Python program that runs setup.py (CPU only) up to its setup() call:
+# `captured` holds setup()'s arguments, `dist` a Distribution made of them.
+_RUN_SETUP_PY = f"""
+import os, runpy, setuptools, sys
 os.environ[{config.CPU_ONLY_VAR!r}] = "1"
-import runpy, setuptools, sys
 captured = {{}}
-setuptools.setup = captured.update  # run setup.py up to its setup() call
+setuptools.setup = captured.update
 runpy.run_path("setup.py", run_name="__main__")
 dist = setuptools.Distribution(captured)
+"""
+
+
+def test_setup_compiles_the_files_in_the_listed_order(tmp_path):
+    """Longest first (config.CPU_SOURCES), not by name as setuptools sorts them."""
+    code = _RUN_SETUP_PY + f"""
 cmd = captured["cmdclass"]["build_ext"](dist)
 cmd.ensure_finalized()
 # The CCompiler class build_ext checks against: the one of the distutils
@@ -383,14 +388,7 @@ cmd.build_extension(captured["ext_modules"][0])
 def test_objects_stay_in_build_temp_for_incremental_builds(tmp_path):
     """pip's editable install points `build` at a new temporary folder each
     time; the objects still go to build/temp, where ninja finds them again."""
-    code = f"""
-import os, sys
-os.environ[{config.CPU_ONLY_VAR!r}] = "1"
-import runpy, setuptools
-captured = {{}}
-setuptools.setup = captured.update  # run setup.py up to its setup() call
-runpy.run_path("setup.py", run_name="__main__")
-dist = setuptools.Distribution(captured)
+    code = _RUN_SETUP_PY + f"""
 build = dist.reinitialize_command("build", reinit_subcommands=True)
 build.build_temp = {str(tmp_path)!r}  # as setuptools' editable_wheel does
 cmd = dist.get_command_obj("build_ext")
