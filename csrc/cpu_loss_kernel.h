@@ -12,6 +12,8 @@
 // overlapping last step); strided inputs take the row path. Work is cut into
 // chunks of a fixed number of rows or periods whose partial sums are added in
 // chunk order, so the result is bitwise the same whatever the thread count.
+// Calls that move more than kStreamingStoreBytes write the flat path's
+// gradients with non-temporal stores (cpu_vector_lanes.h, store_streaming).
 #pragma once
 
 #ifndef CPU_CAPABILITY
@@ -79,6 +81,8 @@ struct Problem {
   // 0 for a lane that holds no element (its sum stays 0).
   const acc_t* slot_weight;
   int64_t slots;  // a multiple of kStep
+  // Flat path: the gradients are large enough for store_streaming.
+  bool stream;
 };
 
 // What one call computes, fixed at compile time so that the inner loop has
@@ -179,11 +183,15 @@ KF_HD void step(const Problem<scalar_t>& pb, const StepBase<scalar_t>& at, int64
   IO::store(at.sq + o, sq, count);
 
   if constexpr (V::kGrads) {
-    IO::store(at.grad_pred + i, g_pred, count);
-    if constexpr (V::kHasRaw) IO::store(at.grad_raw + i, g_raw, count);
+    const auto store = [&](grad_storage_t<scalar_t>* out, const Pack& g) {
+      if (pb.stream && count == IO::kStep) IO::store_streaming(out, g);
+      else IO::store(out, g, count);
+    };
+    store(at.grad_pred + i, g_pred);
+    if constexpr (V::kHasRaw) store(at.grad_raw + i, g_raw);
     if (at.grad_target) {
       for (auto& v : g_target) v = v.neg();
-      IO::store(at.grad_target + i, g_target, count);
+      store(at.grad_target + i, g_target);
     }
   }
 }
@@ -306,6 +314,7 @@ ChunkSums run_flat(const Problem<scalar_t>& shared, int64_t e0, int64_t e1) {
       step<scalar_t, V, false>(pb, at, full_end + o, o, std::min(kStep, n - o), m, acc);
     }
   }
+  if (pb.stream) store_fence();
   return chunk_sums(pb, sq.data(), acc);
 }
 
@@ -380,6 +389,14 @@ void forward_typed(ForwardArgs& a) {
   pb.grad_raw = a.grad_raw ? static_cast<grad_t*>(a.grad_raw) : scratch.data();
   pb.grad_raw_stride = a.grad_raw ? cols : 0;
   pb.grad_target = static_cast<grad_t*>(a.grad_target);
+  // Large calls stream their gradients (kStreamingStoreBytes). Flat steps start
+  // at multiples of kStep elements, so they are aligned where the buffers are.
+  const int64_t bytes_moved = rows * cols * (static_cast<int64_t>(sizeof(scalar_t)) *
+                                                 (2 + V::kHasPrev + V::kHasRaw) +
+                                             static_cast<int64_t>(sizeof(grad_t)) *
+                                                 (!!a.grad_pred + !!a.grad_raw + !!a.grad_target));
+  pb.stream = V::kGrads && flat && bytes_moved > kStreamingStoreBytes && streamable(a.grad_pred) &&
+              streamable(a.grad_raw) && streamable(a.grad_target);
 
   alignas(64) acc_t lanes[kStep];
   const int64_t full_end = cols - cols % kStep;

@@ -21,6 +21,10 @@
 // overlapping last step. Every other frame (the first of a window, padding,
 // a pair boundary, strided inputs, frame_scale, reduction "none") takes the
 // frame loop: one frame of C columns in steps, the last one overlapping.
+//
+// Calls that move more than kStreamingStoreBytes write the flat runs'
+// gradients and the padded frames' zeros with non-temporal stores
+// (cpu_vector_lanes.h, store_streaming); every chunk ends with a fence.
 #pragma once
 
 #ifndef CPU_CAPABILITY
@@ -79,6 +83,8 @@ struct SequenceProblem {
   // final kStep columns; tail_lanes selects the lanes the earlier steps had
   // not covered, so that nothing is summed twice.
   Pack tail_lanes;
+  // The gradients are large enough for store_streaming (flat runs).
+  bool stream;
 };
 
 // The coefficients of one frame: the call's, times the frame's scale, and
@@ -355,6 +361,7 @@ struct FlatView {
   const acc_t *kd, *kd_keep;
   acc_t* sq;  // the chunk's sums of d^2 per position of the period (period + kStep)
   int64_t cols, period;
+  bool stream;  // SequenceProblem::stream
 };
 
 // One step of a flat run: element i, position o of the period. kTarget:
@@ -362,7 +369,7 @@ struct FlatView {
 // which also frees a register for the running sums).
 template <typename scalar_t, bool kRaw, bool kGrads, bool kNext, bool kTarget>
 KF_HD void flat_step(const FlatView<scalar_t>& v, const FrameCoefficients<scalar_t>& k, int64_t i, int64_t o,
-                     int64_t count, DiffSums<typename Io<scalar_t>::AVec>& ds,
+                     int64_t count, bool stream, DiffSums<typename Io<scalar_t>::AVec>& ds,
                      OtherSums<typename Io<scalar_t>::AVec>& os) {
   using IO = Io<scalar_t>;
   using Pack = typename IO::Pack;
@@ -387,10 +394,14 @@ KF_HD void flat_step(const FlatView<scalar_t>& v, const FrameCoefficients<scalar
                                                                     &sq);
   IO::store(v.sq + o, sq, count);
   if constexpr (kGrads) {
-    if (v.gp) IO::store(v.gp + i, g_pred, count);
-    if constexpr (kTarget) IO::store(v.gt + i, g_target, count);
+    const auto store = [&](grad_storage_t<scalar_t>* out, const Pack& g) {
+      if (stream) IO::store_streaming(out, g);  // whole steps only
+      else IO::store(out, g, count);
+    };
+    if (v.gp) store(v.gp + i, g_pred);
+    if constexpr (kTarget) store(v.gt + i, g_target);
     if constexpr (kRaw) {
-      if (v.gr) IO::store(v.gr + i, g_raw, count);
+      if (v.gr) store(v.gr + i, g_raw);
     }
   }
 }
@@ -406,13 +417,16 @@ FrameSums<typename Io<scalar_t>::AVec> flat_range(const FlatView<scalar_t> v, co
   using AVec = typename Io<scalar_t>::AVec;
   DiffSums<AVec> ds{sums.sq, sums.abs, sums.perceptual};
   OtherSums<AVec> os{sums.temporal, sums.smoothing, sums.velocity};
+  // Whole steps from i0 on keep the alignment of element i0.
+  const bool stream = kGrads && v.stream && streamable(v.gp ? v.gp + i0 : nullptr) &&
+                      streamable(v.gt ? v.gt + i0 : nullptr) && streamable(v.gr ? v.gr + i0 : nullptr);
   int64_t i = i0;
   for (; i + kStep <= i1; i += kStep) {
-    flat_step<scalar_t, kRaw, kGrads, kNext, kTarget>(v, k, i, o, kStep, ds, os);
+    flat_step<scalar_t, kRaw, kGrads, kNext, kTarget>(v, k, i, o, kStep, stream, ds, os);
     o += kStep;
     if (o >= v.period) o -= v.period;
   }
-  if (i < i1) flat_step<scalar_t, kRaw, kGrads, kNext, kTarget>(v, k, i, o, i1 - i, ds, os);
+  if (i < i1) flat_step<scalar_t, kRaw, kGrads, kNext, kTarget>(v, k, i, o, i1 - i, false, ds, os);
   return {ds.sq, ds.abs, ds.perceptual, os.temporal, os.smoothing, os.velocity};
 }
 
@@ -438,6 +452,7 @@ FrameSums<typename Io<scalar_t>::AVec> run_flat(const SequenceProblem<scalar_t>&
   v.sq = sq;
   v.cols = C;
   v.period = pb.period;
+  v.stream = pb.stream;
   const int64_t n = (fb - fa) * C;
   const auto range = [&](auto next, int64_t i0, int64_t i1, FrameSums<typename Io<scalar_t>::AVec> sums) {
     constexpr bool kNext = decltype(next)::value;
@@ -455,9 +470,10 @@ FrameSums<typename Io<scalar_t>::AVec> run_flat(const SequenceProblem<scalar_t>&
 
 // ------------------------------------------------------------------- chunks
 
+// Padded frames' gradients: zeros, streamed like the flat runs' gradients.
 template <typename scalar_t>
-KF_HD void store_zero_rows(grad_storage_t<scalar_t>* g, int64_t n) {
-  if (g) std::fill(g, g + n, grad_storage_t<scalar_t>(0));
+KF_HD void store_zero_rows(grad_storage_t<scalar_t>* g, int64_t n, bool stream) {
+  if (g) store_zeros(g, n, stream);
 }
 
 template <class AVec>
@@ -535,9 +551,9 @@ SequenceSums run_chunk(const SequenceProblem<scalar_t>& shared, int64_t f0, int6
       int64_t fb = f + 1;
       while (fb < f1 && !(pb.flags[fb] & kFrameValid)) ++fb;
       if constexpr (kGrads) {
-        store_zero_rows<scalar_t>(pb.grad_pred ? pb.grad_pred + f * C : nullptr, (fb - f) * C);
-        store_zero_rows<scalar_t>(pb.grad_target ? pb.grad_target + f * C : nullptr, (fb - f) * C);
-        store_zero_rows<scalar_t>(pb.grad_raw ? pb.grad_raw + f * C : nullptr, (fb - f) * C);
+        store_zero_rows<scalar_t>(pb.grad_pred ? pb.grad_pred + f * C : nullptr, (fb - f) * C, pb.stream);
+        store_zero_rows<scalar_t>(pb.grad_target ? pb.grad_target + f * C : nullptr, (fb - f) * C, pb.stream);
+        store_zero_rows<scalar_t>(pb.grad_raw ? pb.grad_raw + f * C : nullptr, (fb - f) * C, pb.stream);
       }
       if (pb.frame_terms) {
         std::fill(pb.frame_terms + f * kNumSequenceTerms, pb.frame_terms + fb * kNumSequenceTerms, acc_t(0));
@@ -587,6 +603,7 @@ SequenceSums run_chunk(const SequenceProblem<scalar_t>& shared, int64_t f0, int6
     ++f;
     if (++t == T) t = 0;
   }
+  if (pb.stream) store_fence();
   for (int64_t o = 0; o < positions; o += AVec::size()) {  // the flat runs' d^2, weighed once
     const AVec v = AVec::loadu(flat_sq.data() + o), w = AVec::loadu(pb.flat_colw + o);
     chunk.sq = chunk.sq + v;
@@ -643,6 +660,10 @@ void sequence_typed(SequenceArgs& a) {
   const bool flat = packed(pb.ps) && packed(pb.ts) && (!kRaw || packed(pb.rs)) && !pb.frame_scale &&
                     !pb.frame_terms && period <= kMaxFlatPeriod;
   pb.period = flat ? period : 0;
+  const int64_t bytes_moved = N * C * (static_cast<int64_t>(sizeof(scalar_t)) * (kRaw ? 3 : 2) +
+                                       static_cast<int64_t>(sizeof(grad_t)) *
+                                           (!!pb.grad_pred + !!pb.grad_target + !!pb.grad_raw));
+  pb.stream = kGrads && flat && bytes_moved > kStreamingStoreBytes;
   const int64_t positions = flat ? period + kStep : 0;
 
   // Per-column tables, padded with zeros to whole steps, then the flat

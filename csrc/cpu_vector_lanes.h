@@ -118,7 +118,74 @@ struct Io {
       if (count == kStep) h.store(p); else h.store(p, count);
     }
   }
+
+  // A whole step to 16-byte-aligned memory with non-temporal stores: they
+  // write past the caches, where a plain store first reads the line it fills
+  // (moving its bytes twice). store_fence() orders them before the results
+  // are handed on. Plain stores where the instruction set has none.
+  template <typename mem_t>
+  static KF_HD void store_streaming(mem_t* p, const Pack& v) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<mem_t, float>) {
+      for (int j = 0; j < kParts; ++j) {
+        const __m256 x = v[j];
+        _mm_stream_ps(p + j * 8, _mm256_castps256_ps128(x));
+        _mm_stream_ps(p + j * 8 + 4, _mm256_extractf128_ps(x, 1));
+      }
+      return;
+    } else if constexpr (std::is_same_v<mem_t, double>) {
+      const __m256d x = v[0];
+      _mm_stream_pd(p, _mm256_castpd256_pd128(x));
+      _mm_stream_pd(p + 2, _mm256_extractf128_pd(x, 1));
+      return;
+    } else {
+      static_assert(std::is_same_v<mem_t, scalar_t> && kParts == 2, "reduced-precision memory");
+      const __m256i h = at::vec::convert_from_float<scalar_t>(v[0], v[1]);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(h));
+      _mm_stream_si128(reinterpret_cast<__m128i*>(p) + 1, _mm256_extracti128_si256(h, 1));
+      return;
+    }
+#endif
+    store(p, v, kStep);
+  }
 };
+
+// Orders the non-temporal stores of store_streaming before later stores (and
+// the thread's hand-over of its results).
+inline void store_fence() {
+#if defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+// A call that moves more than this many bytes (the inputs it reads and the
+// gradients it writes) writes the bulk of its gradients with
+// store_streaming: twice the last-level cache of this project's machine
+// (32 MiB), so that nothing it writes would still be cached for the next
+// reader. Smaller calls keep plain stores, which were as fast or faster there
+// (lines they write may still be cached from the previous step's buffers).
+constexpr int64_t kStreamingStoreBytes = int64_t(64) << 20;
+
+// n zeros from p on; with `stream`, non-temporal stores from p's first
+// 16-byte boundary to the last one (store_fence() orders them too).
+template <class T>
+void store_zeros(T* p, int64_t n, bool stream) {
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+  if (stream) {
+    while (i < n && reinterpret_cast<uintptr_t>(p + i) % 16 != 0) p[i++] = T(0);
+    constexpr int64_t kPer = 16 / sizeof(T);
+    for (; i + kPer <= n; i += kPer) _mm_stream_si128(reinterpret_cast<__m128i*>(p + i), _mm_setzero_si128());
+  }
+#endif
+  std::fill(p + i, p + n, T(0));
+}
+
+// p may take store_streaming (nullptr: nothing to store, so it may).
+template <class T>
+bool streamable(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
 
 // The unsigned integer type of the size of T (for lane masks).
 template <class T>
