@@ -184,8 +184,10 @@ KF_HD void step(const Problem<scalar_t>& pb, const StepBase<scalar_t>& at, int64
 
   if constexpr (V::kGrads) {
     const auto store = [&](grad_storage_t<scalar_t>* out, const Pack& g) {
-      if (pb.stream && count == IO::kStep) IO::store_streaming(out, g);
-      else IO::store(out, g, count);
+      if constexpr (kHaveStreamingStores) {
+        if (pb.stream && count == IO::kStep) return IO::store_streaming(out, g);
+      }
+      IO::store(out, g, count);
     };
     store(at.grad_pred + i, g_pred);
     if constexpr (V::kHasRaw) store(at.grad_raw + i, g_raw);
@@ -395,8 +397,8 @@ void forward_typed(ForwardArgs& a) {
                                                  (2 + V::kHasPrev + V::kHasRaw) +
                                              static_cast<int64_t>(sizeof(grad_t)) *
                                                  (!!a.grad_pred + !!a.grad_raw + !!a.grad_target));
-  pb.stream = V::kGrads && flat && bytes_moved > kStreamingStoreBytes && streamable(a.grad_pred) &&
-              streamable(a.grad_raw) && streamable(a.grad_target);
+  pb.stream = kHaveStreamingStores && V::kGrads && flat && bytes_moved > kStreamingStoreBytes &&
+              streamable(a.grad_pred) && streamable(a.grad_raw) && streamable(a.grad_target);
 
   alignas(64) acc_t lanes[kStep];
   const int64_t full_end = cols - cols % kStep;

@@ -395,8 +395,10 @@ KF_HD void flat_step(const FlatView<scalar_t>& v, const FrameCoefficients<scalar
   IO::store(v.sq + o, sq, count);
   if constexpr (kGrads) {
     const auto store = [&](grad_storage_t<scalar_t>* out, const Pack& g) {
-      if (stream) IO::store_streaming(out, g);  // whole steps only
-      else IO::store(out, g, count);
+      if constexpr (kHaveStreamingStores) {
+        if (stream) return IO::store_streaming(out, g);  // whole steps only
+      }
+      IO::store(out, g, count);
     };
     if (v.gp) store(v.gp + i, g_pred);
     if constexpr (kTarget) store(v.gt + i, g_target);
@@ -663,7 +665,7 @@ void sequence_typed(SequenceArgs& a) {
   const int64_t bytes_moved = N * C * (static_cast<int64_t>(sizeof(scalar_t)) * (kRaw ? 3 : 2) +
                                        static_cast<int64_t>(sizeof(grad_t)) *
                                            (!!pb.grad_pred + !!pb.grad_target + !!pb.grad_raw));
-  pb.stream = kGrads && flat && bytes_moved > kStreamingStoreBytes;
+  pb.stream = kHaveStreamingStores && kGrads && flat && bytes_moved > kStreamingStoreBytes;
   const int64_t positions = flat ? period + kStep : 0;
 
   // Per-column tables, padded with zeros to whole steps, then the flat

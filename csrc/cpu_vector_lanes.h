@@ -150,6 +150,14 @@ struct Io {
   }
 };
 
+// Whether this build has non-temporal stores: without them the callers
+// drop their streaming branch at compile time.
+#if defined(CPU_CAPABILITY_AVX2)
+constexpr bool kHaveStreamingStores = true;
+#else
+constexpr bool kHaveStreamingStores = false;
+#endif
+
 // Orders the non-temporal stores of store_streaming before later stores (and
 // the thread's hand-over of its results).
 inline void store_fence() {
