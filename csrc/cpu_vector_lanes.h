@@ -170,8 +170,8 @@ inline void store_fence() {
 // gradients it writes) writes the bulk of its gradients with
 // store_streaming: twice the last-level cache of this project's machine
 // (32 MiB), so that nothing it writes would still be cached for the next
-// reader. Smaller calls keep plain stores, which were as fast or faster there
-// (lines they write may still be cached from the previous step's buffers).
+// reader. Smaller calls keep plain stores: just above the cache, streaming
+// did not pay (docs/performance.md, "Streaming stores").
 constexpr int64_t kStreamingStoreBytes = int64_t(64) << 20;
 
 // n zeros from p on; with `stream`, non-temporal stores from p's first

@@ -60,9 +60,11 @@ def test_windows_streamed_equal_halves(dtype):
     with reduction "sum" (gradients that do not depend on the batch size):
     the whole batch's gradients are the halves' gradients. The second half
     starts on a chunk boundary of the whole batch (chunks are whole frames,
-    kChunkElements / C of them), so both calls split their flat runs alike.
-    Padding and velocity included; T odd, so that windows start at every
-    alignment."""
+    kChunkElements / C of them), so both calls split their flat runs alike:
+    a run's last, partial step can give a gradient an ulp apart from the same
+    element in a whole step (seen in float32 with target's gradient, in the
+    last columns of a chunk's last frame). Padding and velocity included; T
+    odd, so that windows start at different alignments."""
     threshold = header_constant("kStreamingStoreBytes")
     frames_per_chunk = header_constant("kChunkElements") // C
     per_frame = C * 3 * (dtype.itemsize + grad_size(dtype))  # pred, target, raw and their gradients
