@@ -183,17 +183,11 @@ KF_HD void step(const Problem<scalar_t>& pb, const StepBase<scalar_t>& at, int64
   IO::store(at.sq + o, sq, count);
 
   if constexpr (V::kGrads) {
-    const auto store = [&](grad_storage_t<scalar_t>* out, const Pack& g) {
-      if constexpr (kHaveStreamingStores) {
-        if (pb.stream && count == IO::kStep) return IO::store_streaming(out, g);
-      }
-      IO::store(out, g, count);
-    };
-    store(at.grad_pred + i, g_pred);
-    if constexpr (V::kHasRaw) store(at.grad_raw + i, g_raw);
+    IO::store_gradient(at.grad_pred + i, g_pred, count, pb.stream);
+    if constexpr (V::kHasRaw) IO::store_gradient(at.grad_raw + i, g_raw, count, pb.stream);
     if (at.grad_target) {
       for (auto& v : g_target) v = v.neg();
-      store(at.grad_target + i, g_target);
+      IO::store_gradient(at.grad_target + i, g_target, count, pb.stream);
     }
   }
 }
@@ -393,11 +387,9 @@ void forward_typed(ForwardArgs& a) {
   pb.grad_target = static_cast<grad_t*>(a.grad_target);
   // Large calls stream their gradients (kStreamingStoreBytes). Flat steps start
   // at multiples of kStep elements, so they are aligned where the buffers are.
-  const int64_t bytes_moved = rows * cols * (static_cast<int64_t>(sizeof(scalar_t)) *
-                                                 (2 + V::kHasPrev + V::kHasRaw) +
-                                             static_cast<int64_t>(sizeof(grad_t)) *
-                                                 (!!a.grad_pred + !!a.grad_raw + !!a.grad_target));
-  pb.stream = kHaveStreamingStores && V::kGrads && flat && bytes_moved > kStreamingStoreBytes &&
+  pb.stream = V::kGrads && flat &&
+              streams_gradients<scalar_t>(rows * cols, 2 + V::kHasPrev + V::kHasRaw,
+                                          !!a.grad_pred + !!a.grad_raw + !!a.grad_target) &&
               streamable(a.grad_pred) && streamable(a.grad_raw) && streamable(a.grad_target);
 
   alignas(64) acc_t lanes[kStep];

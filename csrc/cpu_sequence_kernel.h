@@ -394,16 +394,10 @@ KF_HD void flat_step(const FlatView<scalar_t>& v, const FrameCoefficients<scalar
                                                                     &sq);
   IO::store(v.sq + o, sq, count);
   if constexpr (kGrads) {
-    const auto store = [&](grad_storage_t<scalar_t>* out, const Pack& g) {
-      if constexpr (kHaveStreamingStores) {
-        if (stream) return IO::store_streaming(out, g);  // whole steps only
-      }
-      IO::store(out, g, count);
-    };
-    if (v.gp) store(v.gp + i, g_pred);
-    if constexpr (kTarget) store(v.gt + i, g_target);
+    if (v.gp) IO::store_gradient(v.gp + i, g_pred, count, stream);
+    if constexpr (kTarget) IO::store_gradient(v.gt + i, g_target, count, stream);
     if constexpr (kRaw) {
-      if (v.gr) store(v.gr + i, g_raw);
+      if (v.gr) IO::store_gradient(v.gr + i, g_raw, count, stream);
     }
   }
 }
@@ -428,7 +422,7 @@ FrameSums<typename Io<scalar_t>::AVec> flat_range(const FlatView<scalar_t> v, co
     o += kStep;
     if (o >= v.period) o -= v.period;
   }
-  if (i < i1) flat_step<scalar_t, kRaw, kGrads, kNext, kTarget>(v, k, i, o, i1 - i, false, ds, os);
+  if (i < i1) flat_step<scalar_t, kRaw, kGrads, kNext, kTarget>(v, k, i, o, i1 - i, stream, ds, os);
   return {ds.sq, ds.abs, ds.perceptual, os.temporal, os.smoothing, os.velocity};
 }
 
@@ -662,10 +656,9 @@ void sequence_typed(SequenceArgs& a) {
   const bool flat = packed(pb.ps) && packed(pb.ts) && (!kRaw || packed(pb.rs)) && !pb.frame_scale &&
                     !pb.frame_terms && period <= kMaxFlatPeriod;
   pb.period = flat ? period : 0;
-  const int64_t bytes_moved = N * C * (static_cast<int64_t>(sizeof(scalar_t)) * (kRaw ? 3 : 2) +
-                                       static_cast<int64_t>(sizeof(grad_t)) *
-                                           (!!pb.grad_pred + !!pb.grad_target + !!pb.grad_raw));
-  pb.stream = kHaveStreamingStores && kGrads && flat && bytes_moved > kStreamingStoreBytes;
+  pb.stream = kGrads && flat &&
+              streams_gradients<scalar_t>(N * C, kRaw ? 3 : 2,
+                                          !!pb.grad_pred + !!pb.grad_target + !!pb.grad_raw);
   const int64_t positions = flat ? period + kStep : 0;
 
   // Per-column tables, padded with zeros to whole steps, then the flat

@@ -73,6 +73,31 @@ constexpr int64_t kMaxFlatPeriod = 1024;
 template <typename scalar_t>
 using grad_storage_t = std::conditional_t<std::is_same_v<scalar_t, c10::Half>, float, scalar_t>;
 
+// Whether this build has non-temporal stores: without them the callers
+// drop their streaming branch at compile time.
+#if defined(CPU_CAPABILITY_AVX2)
+constexpr bool kHaveStreamingStores = true;
+#else
+constexpr bool kHaveStreamingStores = false;
+#endif
+
+// A call that moves more than this many bytes (the inputs it reads and the
+// gradients it writes) writes the bulk of its gradients with
+// store_streaming: twice the last-level cache of this project's machine
+// (32 MiB), so that nothing it writes would still be cached for the next
+// reader. Smaller calls keep plain stores: just above the cache, streaming
+// did not pay (docs/performance.md, "Streaming stores").
+constexpr int64_t kStreamingStoreBytes = int64_t(64) << 20;
+
+// Whether a call of n elements that reads `inputs` tensors of scalar_t and
+// writes `grads` gradients streams them: the one rule of both kernels.
+template <typename scalar_t>
+bool streams_gradients(int64_t n, int inputs, int grads) {
+  const int64_t bytes = n * (static_cast<int64_t>(sizeof(scalar_t)) * inputs +
+                             static_cast<int64_t>(sizeof(grad_storage_t<scalar_t>)) * grads);
+  return kHaveStreamingStores && grads > 0 && bytes > kStreamingStoreBytes;
+}
+
 // Loads and stores of one "step": Vectorized<scalar_t>::size() elements,
 // held as one or two vectors of the accumulation type, from and to memory of
 // the input type or of the accumulation type.
@@ -148,15 +173,17 @@ struct Io {
 #endif
     store(p, v, kStep);
   }
-};
 
-// Whether this build has non-temporal stores: without them the callers
-// drop their streaming branch at compile time.
-#if defined(CPU_CAPABILITY_AVX2)
-constexpr bool kHaveStreamingStores = true;
-#else
-constexpr bool kHaveStreamingStores = false;
-#endif
+  // A gradient step: streamed when `stream` and the step is whole, a plain
+  // store otherwise (and always in a build without streaming stores).
+  template <typename mem_t>
+  static KF_HD void store_gradient(mem_t* p, const Pack& v, int64_t count, bool stream) {
+    if constexpr (kHaveStreamingStores) {
+      if (stream && count == kStep) return store_streaming(p, v);
+    }
+    store(p, v, count);
+  }
+};
 
 // Orders the non-temporal stores of store_streaming before later stores (and
 // the thread's hand-over of its results).
@@ -165,14 +192,6 @@ inline void store_fence() {
   _mm_sfence();
 #endif
 }
-
-// A call that moves more than this many bytes (the inputs it reads and the
-// gradients it writes) writes the bulk of its gradients with
-// store_streaming: twice the last-level cache of this project's machine
-// (32 MiB), so that nothing it writes would still be cached for the next
-// reader. Smaller calls keep plain stores: just above the cache, streaming
-// did not pay (docs/performance.md, "Streaming stores").
-constexpr int64_t kStreamingStoreBytes = int64_t(64) << 20;
 
 // n zeros from p on; with `stream`, non-temporal stores from p's first
 // 16-byte boundary to the last one (store_fence() orders them too).
