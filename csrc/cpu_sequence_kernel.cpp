@@ -22,8 +22,6 @@ const char* cpu_kernel_isa();  // cpu_loss_kernel.cpp
 
 namespace {
 
-using SequenceOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
 bool is_supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }

@@ -1,20 +1,24 @@
-// The autograd node of the fused loss for eager calls, in C++.
+// The autograd nodes of the fused losses for eager calls, in C++.
 //
 // koemorph_fused.temporal_loss on plain tensors comes here (through
-// python_entry.cpp's `loss`); traced calls (torch.compile, torch.export),
-// tensor subclasses, forward-mode AD and torch.func transforms use
-// koemorph_fused._ops.FusedTemporalLoss, the Python autograd.Function. Both
-// do the same thing: forward runs temporal_loss_forward, which also computes
-// the gradients, and saves them; backward scales them by grad_output, or,
-// under create_graph, makes them differentiable. When the graph is being
-// freed, both scale them in place (scale_gradients_) and hand them over.
-// tests/test_autograd.py runs its checks on both.
+// python_entry.cpp's `loss`), and so does koemorph_fused.sequence_loss
+// (`sequence_loss`); traced calls (torch.compile, torch.export), tensor
+// subclasses, forward-mode AD and torch.func transforms use the Python
+// autograd.Functions, koemorph_fused._ops.FusedTemporalLoss and
+// koemorph_fused._sequence_ops.FusedSequenceLoss. Each pair does the same
+// thing: forward runs the operator, which also computes the gradients, and
+// saves them; backward scales them by grad_output, or, under create_graph,
+// makes them differentiable. When the graph is being freed, both scale them in
+// place (scale_gradients_) and hand them over. tests/test_autograd.py and
+// tests/test_sequence_op.py run their checks on both.
 //
 // Why a second implementation: at B = 4 the Python Function's bookkeeping
 // (creating its ctx, running forward and backward as Python code, output
 // wrapping) cost more than the operator itself (callgrind;
 // docs/performance.md). The C++ node took about 25 K of 226 K instructions
-// off a training step there, and runs backward without taking the GIL.
+// off a training step there, and runs backward without taking the GIL. The
+// sequence loss's Python Function cost about 55 us of a 145 us step at
+// (B, T) = (8, 256) (docs/performance.md, "C++ autograd node for sequences").
 #include "loss_autograd.h"
 
 #include <ATen/ATen.h>
@@ -56,6 +60,25 @@ ForwardOutputs call_forward(const at::Tensor& pred, const at::Tensor& target,
     return call();
   }
   return call();
+}
+
+// Backward of reduction "mean" / "sum" for both nodes: the saved gradients
+// times grad_output, as `dtype`. When the graph is being freed and the saved
+// gradients have the input's dtype, they are scaled in place and handed over
+// (no allocation, one pass that only writes when grad_output != 1, read on
+// the device). Not under retain_graph=True: the caller would get the very
+// buffer a second backward reads (autograd.grad returns it as it is).
+// float16 saves float32 gradients, which take the scaling pass to become
+// float16. A CPU grad_output of 1 (loss.backward() on the CPU) skips even the
+// call.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_saved_gradients(const at::Tensor& go,
+                                                                     const variable_list& saved,
+                                                                     at::ScalarType dtype) {
+  if (saved[0].scalar_type() == dtype && !torch::autograd::get_current_graph_task_keep_graph()) {
+    if (!is_unit_cpu_scalar(go)) scale_in_place_operator().call(go, saved);
+    return {saved[0], saved[1], saved[2]};
+  }
+  return scale_operator().call(go, saved[0], saved[1], saved[2], dtype);
 }
 
 // Gradients of the saved gradients for backward(create_graph=True). The loss
@@ -135,25 +158,137 @@ struct TemporalLossFunction : public torch::autograd::Function<TemporalLossFunct
     at::Tensor g_pred, g_target, g_raw;
     if (at::GradMode::is_enabled()) {  // backward(create_graph=True)
       std::tie(g_pred, g_target, g_raw) = differentiable_gradients(state, saved, go);
-    } else if (saved[0].scalar_type() == dtype &&
-               !torch::autograd::get_current_graph_task_keep_graph()) {
-      // The graph is being freed and the saved gradients have the input's
-      // dtype: scale them in place and hand them over (no allocation, one
-      // pass that only writes when grad_output != 1, read on the device).
-      // Not under retain_graph=True: the caller would get the very buffer a
-      // second backward reads (autograd.grad returns it as it is). float16
-      // saves float32 gradients, which take the scaling pass to become
-      // float16. A CPU grad_output of 1 (loss.backward() on the CPU) skips
-      // even the call.
-      if (!is_unit_cpu_scalar(go)) scale_in_place_operator().call(go, saved);
-      g_pred = saved[0], g_target = saved[1], g_raw = saved[2];
     } else {
-      std::tie(g_pred, g_target, g_raw) =
-          scale_operator().call(go, saved[0], saved[1], saved[2], dtype);
+      std::tie(g_pred, g_target, g_raw) = scale_saved_gradients(go, saved, dtype);
     }
     if (ctx->needs_input_grad(0)) out[0] = g_pred;
     if (ctx->needs_input_grad(1)) out[1] = g_target;
     if (saved[2].numel() != 0 && ctx->needs_input_grad(2)) out[2] = g_raw;
+    return out;
+  }
+};
+
+// Arguments of the sequence operator that never get a gradient (prev and
+// prev_target are treated as detached), kept out of the node's inputs.
+struct SequenceConstants {
+  std::optional<at::Tensor> prev, prev_target, lengths, mask, continuity;
+  at::Tensor column_weights, weights;
+  std::optional<at::Tensor> counts;
+  int64_t reduction;
+  bool release_gil;
+};
+
+constexpr int64_t kReductionNone = 0, kReductionSum = 2;  // the operator's codes (csrc/ops.cpp)
+
+c10::IValue optional_value(const std::optional<at::Tensor>& t) {
+  return t ? c10::IValue(*t) : c10::IValue();
+}
+
+std::optional<at::Tensor> optional_tensor(const c10::IValue& v) {
+  return v.isNone() ? std::nullopt : std::optional<at::Tensor>(v.toTensor());
+}
+
+// The sequence operator, without the GIL when asked (only around the kernel).
+SequenceOutputs call_sequence(const at::Tensor& pred, const at::Tensor& target,
+                              const std::optional<at::Tensor>& raw, const SequenceConstants& c,
+                              const std::optional<at::Tensor>& frame_scale, int64_t reduction,
+                              bool grad_pred, bool grad_target, bool grad_raw) {
+  auto call = [&] {
+    return sequence_operator().call(pred, target, raw, c.prev, c.prev_target, c.lengths, c.mask,
+                                    c.continuity, c.column_weights, c.weights, c.counts,
+                                    frame_scale, reduction, grad_pred, grad_target, grad_raw);
+  };
+  if (c.release_gil) {
+    pybind11::gil_scoped_release no_gil;
+    return call();
+  }
+  return call();
+}
+
+// Gradients for backward(create_graph=True) of the sequence loss: the
+// Python glue's _differentiable_gradients (koemorph_fused/_sequence_ops.py),
+// the one implementation of the loss in differentiable torch arithmetic.
+// Double backward is rare; calling it keeps the formulas in one place.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_differentiable_gradients(
+    c10::ArrayRef<c10::IValue> state, const at::Tensor& go) {
+  namespace py = pybind11;
+  const py::gil_scoped_acquire gil;
+  py::tuple args(state.size());
+  for (size_t i = 0; i < state.size(); ++i) {
+    const c10::IValue& v = state[i];
+    args[i] = v.isNone() ? py::none() : v.isTensor() ? py::cast(v.toTensor()) : py::cast(v.toInt());
+  }
+  const py::object grads = py::module_::import("koemorph_fused._sequence_ops")
+                               .attr("_differentiable_gradients")(args, go);
+  auto tensor_at = [&](size_t i) {
+    const py::object g = grads[py::int_(i)];
+    return g.is_none() ? at::Tensor() : g.cast<at::Tensor>();
+  };
+  return {tensor_at(0), tensor_at(1), tensor_at(2)};
+}
+
+// The sequence loss's node: the same design as TemporalLossFunction. For
+// reduction "none" forward computes no gradient; backward runs the operator
+// again with frame_scale = grad_output and reduction "sum".
+struct SequenceLossFunction : public torch::autograd::Function<SequenceLossFunction> {
+  // Inputs of the node: pred, target and raw (edges 0, 1 and 2).
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& pred,
+                               const at::Tensor& target, const std::optional<at::Tensor>& raw,
+                               const SequenceConstants& c, bool grad_pred, bool grad_target,
+                               bool grad_raw) {
+    const bool none = c.reduction == kReductionNone;
+    auto [total, terms, counts, g_pred, g_target, g_raw] =
+        call_sequence(pred, target, raw, c, std::nullopt, c.reduction, grad_pred && !none,
+                      grad_target && !none, grad_raw && !none);
+    ctx->set_materialize_grads(false);  // no zero tensors for terms and counts
+    ctx->save_for_backward({g_pred, g_target, g_raw});
+    ctx->mark_non_differentiable({terms, counts});
+    // The operator's arguments, as _differentiable_gradients takes them, then
+    // the gradients to compute. Inputs, not outputs: no reference cycle.
+    ctx->saved_data["state"] = c10::ivalue::Tuple::create(
+        {pred, target, optional_value(raw), optional_value(c.prev), optional_value(c.prev_target),
+         optional_value(c.lengths), optional_value(c.mask), optional_value(c.continuity),
+         c.column_weights, c.weights, optional_value(c.counts), c.reduction, grad_pred,
+         grad_target, grad_raw});
+    return {total, terms, counts};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    variable_list out(7);  // one per forward argument after ctx
+    const at::Tensor& go = grad_outputs[0];
+    if (!go.defined()) return out;  // total did not reach the loss being differentiated
+    const c10::ArrayRef<c10::IValue> state =
+        ctx->saved_data["state"].toTupleRef().elements().asArrayRef();
+    const at::Tensor& pred = state[0].toTensor();
+    const int64_t reduction = state[11].toInt();
+    at::Tensor g_pred, g_target, g_raw;
+    if (at::GradMode::is_enabled()) {  // backward(create_graph=True)
+      std::tie(g_pred, g_target, g_raw) = sequence_differentiable_gradients(state.slice(0, 12), go);
+    } else if (reduction == kReductionNone) {
+      // Each frame's terms weighted by its own grad_output, summed.
+      const SequenceConstants c{optional_tensor(state[3]), optional_tensor(state[4]),
+                                optional_tensor(state[5]), optional_tensor(state[6]),
+                                optional_tensor(state[7]), state[8].toTensor(),
+                                state[9].toTensor(), std::nullopt, kReductionSum,
+                                false};
+      auto outs = call_sequence(pred, state[1].toTensor(), optional_tensor(state[2]), c, go,
+                                kReductionSum, state[12].toBool(), state[13].toBool(),
+                                state[14].toBool());
+      const at::ScalarType dtype = pred.scalar_type();
+      g_pred = std::get<3>(outs).to(dtype);
+      g_target = std::get<4>(outs).to(dtype);
+      g_raw = std::get<5>(outs).to(dtype);
+    } else {
+      std::tie(g_pred, g_target, g_raw) =
+          scale_saved_gradients(go, ctx->get_saved_variables(), pred.scalar_type());
+    }
+    // An input whose gradient was not computed gets none (an empty (0,)
+    // tensor means "not asked for"); without raw the node has two inputs, so
+    // needs_input_grad(2) is only asked when raw's gradient exists.
+    const at::Tensor* grads[] = {&g_pred, &g_target, &g_raw};
+    for (int i = 0; i < 3; ++i) {
+      if (grads[i]->defined() && grads[i]->numel() != 0 && ctx->needs_input_grad(i)) out[i] = *grads[i];
+    }
     return out;
   }
 };
@@ -215,6 +350,28 @@ std::tuple<at::Tensor, at::Tensor> temporal_loss_with_autograd(
   variable_list outs =
       TemporalLossFunction::apply(pred, target, raw, c, grad_pred, grad_target, grad_raw);
   return {outs[0], outs[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_loss_with_autograd(
+    const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& raw,
+    const std::optional<at::Tensor>& prev, const std::optional<at::Tensor>& prev_target,
+    const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& continuity, const at::Tensor& column_weights,
+    const at::Tensor& weights, const std::optional<at::Tensor>& counts, int64_t reduction,
+    bool release_gil) {
+  const SequenceConstants c{prev, prev_target, lengths, mask, continuity, column_weights,
+                            weights, counts, reduction, release_gil};
+  const bool grad_mode = at::GradMode::is_enabled();
+  const bool grad_pred = grad_mode && pred.requires_grad();
+  const bool grad_target = grad_mode && target.requires_grad();
+  const bool grad_raw = grad_mode && raw.has_value() && raw->requires_grad();
+  if (!(grad_pred || grad_target || grad_raw)) {
+    auto outs = call_sequence(pred, target, raw, c, std::nullopt, reduction, false, false, false);
+    return {std::get<0>(outs), std::get<1>(outs), std::get<2>(outs)};
+  }
+  variable_list outs =
+      SequenceLossFunction::apply(pred, target, raw, c, grad_pred, grad_target, grad_raw);
+  return {outs[0], outs[1], outs[2]};
 }
 
 }  // namespace koemorph_fused

@@ -61,6 +61,11 @@ LossInputs prepare_inputs(const at::Tensor& pred, const at::Tensor& target,
 using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 ForwardOutputs allocate_outputs(const LossInputs& in, const at::Tensor& pred);
 
+// The sequence operator's (total, terms, counts, grad_pred, grad_target,
+// grad_raw), on either backend.
+using SequenceOutputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
 // Checks for scale_gradients: grad_output is a 0-dim floating tensor on the
 // device of the saved gradients, which are contiguous and of
 // gradient_storage_dtype(dtype).

@@ -3,7 +3,8 @@
 //
 // The kernels are registered per backend in cpu_loss_kernel.cpp and
 // cuda/loss_kernel.cu; the fake (meta) kernels and autograd live in Python
-// (koemorph_fused/_ops.py) and csrc/loss_autograd.cpp.
+// (koemorph_fused/_ops.py, koemorph_fused/_sequence_ops.py) and
+// csrc/loss_autograd.cpp.
 #include <Python.h>
 
 #include <torch/library.h>
@@ -105,6 +106,11 @@ PyMethodDef methods[] = {
      METH_FASTCALL,
      "(total, terms) of the fused loss for plain eager tensors, with the C++ autograd node "
      "(csrc/loss_autograd.cpp); NotImplemented for anything else."},
+    {"sequence_loss",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(koemorph_fused::python_sequence_loss)),
+     METH_FASTCALL,
+     "(total, terms, counts) of the sequence loss for plain eager tensors, with the C++ autograd "
+     "node (csrc/loss_autograd.cpp); NotImplemented for anything else."},
     {"scale", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(koemorph_fused::python_scale)),
      METH_FASTCALL,
      "scale_gradients for plain tensors; NotImplemented for anything else."},

@@ -1,4 +1,4 @@
-// Fast Python entry points to the two operators, for eager calls.
+// Fast Python entry points to the operators, for eager calls.
 //
 // torch.ops.koemorph_fused.* matches its Python arguments against the schema
 // and builds a boxed stack: at B = 4 that was a third of the instructions of
@@ -130,6 +130,26 @@ PyObject* python_loss(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       pred, THPVariable_Unpack(args[1]), prev, raw, continuity, THPVariable_Unpack(args[5]),
       THPVariable_Unpack(args[6]), pred.numel() >= kReleaseGilElements);
   return wrap({&total, &terms});
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* python_sequence_loss(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  bool plain = nargs == 12 && is_tensor(args[0]) && is_tensor(args[1]) && is_tensor(args[8]) &&
+               is_tensor(args[9]) && is_optional_tensor(args[10]) && PyLong_CheckExact(args[11]);
+  for (int i = 2; plain && i < 8; ++i) plain = is_optional_tensor(args[i]);
+  if (!plain || functorch_transform_active()) {
+    Py_RETURN_NOTIMPLEMENTED;  // as in python_loss
+  }
+  const int64_t reduction = PyLong_AsLongLong(args[11]);
+  if (reduction == -1 && PyErr_Occurred()) return nullptr;
+  const at::Tensor& pred = THPVariable_Unpack(args[0]);
+  auto [total, terms, counts] = sequence_loss_with_autograd(
+      pred, THPVariable_Unpack(args[1]), optional_tensor(args[2]), optional_tensor(args[3]),
+      optional_tensor(args[4]), optional_tensor(args[5]), optional_tensor(args[6]),
+      optional_tensor(args[7]), THPVariable_Unpack(args[8]), THPVariable_Unpack(args[9]),
+      optional_tensor(args[10]), reduction, pred.numel() >= kReleaseGilElements);
+  return wrap({&total, &terms, &counts});
   END_HANDLE_TH_ERRORS
 }
 

@@ -13,5 +13,9 @@ PyObject* python_scale(PyObject* self, PyObject* const* args, Py_ssize_t nargs);
 // loss(pred, target, prev, raw, continuity, column_weights, weights) ->
 //      (total, terms) with the C++ autograd node, or NotImplemented
 PyObject* python_loss(PyObject* self, PyObject* const* args, Py_ssize_t nargs);
+// sequence_loss(pred, target, raw, prev, prev_target, lengths, mask, continuity,
+//               column_weights, weights, counts, reduction) -> (total, terms,
+//               counts) with the C++ autograd node, or NotImplemented
+PyObject* python_sequence_loss(PyObject* self, PyObject* const* args, Py_ssize_t nargs);
 
 }  // namespace koemorph_fused

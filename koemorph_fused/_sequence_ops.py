@@ -9,7 +9,8 @@ kernel (dynamic B and T under torch.compile), a vmap rule, and
 the backward:
 
 * reduction "mean" / "sum": forward computes the gradients; backward scales
-  them by ``grad_output`` (:func:`_scale_saved`, the one place that does);
+  them by ``grad_output`` (:func:`_scale_saved`; the C++ node's
+  ``scale_saved_gradients`` does the same);
 * reduction "none": backward is the operator again, with reduction "sum" and
   ``frame_scale = grad_output`` (each frame's terms weighted by its own
   ``grad_output``), so forward computes no gradient;
@@ -17,7 +18,11 @@ the backward:
   recomputed differentiably with torch arithmetic (:func:`_differentiable_gradients`).
 
 :func:`fused_sequence_forward` is the entry of the public API (inputs already
-validated by koemorph_fused/sequence.py).
+validated by koemorph_fused/sequence.py). Eager calls on plain tensors take
+the C++ autograd node that does the same (``_C.sequence_loss``,
+csrc/loss_autograd.cpp; its double backward calls
+:func:`_differentiable_gradients`); traced calls, tensor subclasses,
+forward-mode AD and torch.func transforms take :class:`FusedSequenceLoss`.
 """
 
 from __future__ import annotations
@@ -26,13 +31,15 @@ from typing import Optional
 
 import torch
 
-import torch.autograd.forward_ad as _forward_ad
-
-from ._ops import _can_hand_over, _torch_scale_in_place, accumulation_dtype, gradient_storage_dtype, scale_op
+from ._ops import (
+    _can_hand_over, _torch_scale_in_place, _transform_active, accumulation_dtype, gradient_storage_dtype, library,
+    scale_op,
+)
 from ._validation import REDUCTIONS
 from .sequence import frame_sets
 
 _torch_sequence = torch.ops.koemorph_fused.sequence_loss_forward.default
+_fast_sequence_loss = library.sequence_loss
 
 NUM_TERMS = 6
 _NONE, _MEAN, _SUM = (REDUCTIONS[name] for name in ("none", "mean", "sum"))
@@ -138,22 +145,6 @@ class FusedSequenceLoss(torch.autograd.Function):
         return tuple(g if n and g is not None and g.numel() else None for g, n in zip(grads, need[:3])) + (None,) * 12
 
 
-class _EagerSequenceLoss(torch.autograd.Function):
-    """:class:`FusedSequenceLoss` in the ``forward(ctx, ...)`` form, for plain
-    eager calls: ``Function.apply`` binds the arguments of a ``setup_context``
-    Function through ``inspect.signature`` on every call, which cost more
-    than the whole kernel at (8, 256, 52). torch.func transforms need the
-    ``setup_context`` form, and torch.compile traces it; both use the base."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = FusedSequenceLoss.forward(*inputs)
-        FusedSequenceLoss.setup_context(ctx, inputs, output)
-        return output
-
-    backward = FusedSequenceLoss.backward
-
-
 def sequence_total_torch(pred, target, raw, prev, prev_target, lengths, mask, continuity, column_weights, weights,
                          counts, reduction: int, frame_scale=None) -> torch.Tensor:
     """The operator's weighted total in plain torch arithmetic, differentiable
@@ -220,11 +211,6 @@ def _differentiable_gradients(args, grad_total):
     return tuple(out)
 
 
-def _transform_active() -> bool:
-    """Forward-mode AD or a torch.func transform (grad, vjp, vmap, ...)."""
-    return _forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
-
-
 def fused_sequence_forward(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -248,6 +234,11 @@ def fused_sequence_forward(
     tensor (reduction "mean" only), ``reduction`` is "none", "mean" or "sum".
     """
     code = REDUCTIONS[reduction]
+    if not torch.compiler.is_compiling() and not _transform_active():
+        out = _fast_sequence_loss(pred, target, raw, prev, prev_target, lengths, mask, continuity,
+                                  column_weights, weights, counts, code)
+        if out is not NotImplemented:
+            return out
     if not torch.compiler.is_compiling() and _transform_active():
         want = (True, True, raw is not None)  # tangents and transformed tensors need not require grad
     else:
@@ -255,9 +246,7 @@ def fused_sequence_forward(
         want = (grad and pred.requires_grad, grad and target.requires_grad,
                 grad and raw is not None and raw.requires_grad)
     if any(want):
-        eager = not torch.compiler.is_compiling() and not _transform_active()
-        function = _EagerSequenceLoss if eager else FusedSequenceLoss
-        total, terms, this_counts, *_ = function.apply(
+        total, terms, this_counts, *_ = FusedSequenceLoss.apply(
             pred, target, raw, prev, prev_target, lengths, mask, continuity, column_weights, weights, counts,
             code, *want)
     else:

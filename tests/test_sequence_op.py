@@ -321,7 +321,21 @@ def test_oracle_in_a_baseline_process():
 
 
 # ----------------------------------------------------------------------------
-# The autograd glue: fused_sequence_forward and FusedSequenceLoss.
+# The autograd glue: fused_sequence_forward, with the C++ node of eager calls
+# (csrc/loss_autograd.cpp) or the Python FusedSequenceLoss (traced calls,
+# tensor subclasses, torch.func). The autograd tests run on both.
+
+@pytest.fixture(params=["cpp", "python"])
+def autograd_path(request, monkeypatch):
+    """Which autograd implementation fused_sequence_forward uses in this test."""
+    if request.param == "python":
+        monkeypatch.setattr(seq, "_fast_sequence_loss", lambda *args: NotImplemented)
+    return request.param
+
+
+def node_name(total):
+    fn = total.grad_fn
+    return fn.name() if hasattr(fn, "name") else type(fn).__name__
 
 def forward(case, reduction="mean", weights=WEIGHTS, counts=None):
     pred = case["pred"]
@@ -334,7 +348,7 @@ def forward(case, reduction="mean", weights=WEIGHTS, counts=None):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_backward_matches_oracle(dtype, reduction):
+def test_backward_matches_oracle(dtype, reduction, autograd_path):
     case = make_case(3, 5, 52, dtype=dtype, seed=15)
     for name in ("pred", "target", "raw"):
         case[name].requires_grad_()
@@ -358,7 +372,7 @@ def sequence_oracle_total(case, reduction):
     return (total, leaves),
 
 
-def test_only_needed_gradients():
+def test_only_needed_gradients(autograd_path):
     case = make_case(2, 4, 52, seed=16)
     case["raw"].requires_grad_()
     total, _, _ = forward(case)
@@ -379,7 +393,7 @@ def away_from_kinks(case):
 
 @pytest.mark.parametrize("frames,temporal", [(1, 0.3), (4, 0.0)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_gradcheck_and_gradgradcheck(frames, temporal, reduction):
+def test_gradcheck_and_gradgradcheck(frames, temporal, reduction, autograd_path):
     """Where the temporal detach does not matter (temporal weight 0 or T = 1)."""
     case = away_from_kinks(make_case(2, frames, 7, seed=17))
     weights = (1.0, 0.5, 0.7, temporal, 0.2, 0.9)
@@ -390,6 +404,105 @@ def test_gradcheck_and_gradgradcheck(frames, temporal, reduction):
     inputs = tuple(case[k].clone().requires_grad_() for k in ("pred", "target", "raw"))
     assert torch.autograd.gradcheck(fn, inputs)
     assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_autograd_path_is_the_one_asked_for(autograd_path, raw):
+    case = make_case(2, 4, 52, dtype=torch.float32, raw=raw, seed=21)
+    case["pred"].requires_grad_()
+    total, terms, counts = forward(case)
+    name = node_name(total)
+    assert ("SequenceLossFunction" in name) == (autograd_path == "cpp"), name
+    assert ("FusedSequenceLoss" in name) == (autograd_path == "python"), name
+    assert not terms.requires_grad and not counts.requires_grad
+    total.backward()
+    assert case["pred"].grad.shape == case["pred"].shape
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("grad_output", ["one", "varied"])
+def test_both_autograd_paths_give_the_same_results(dtype, reduction, grad_output, monkeypatch):
+    """Bitwise: the same operator calls, and backward scales in the
+    accumulation dtype and rounds once on either path."""
+    case = make_case(3, 6, 52, dtype=dtype, seed=22)
+    results = []
+    for python_path in (False, True):
+        if python_path:
+            monkeypatch.setattr(seq, "_fast_sequence_loss", lambda *args: NotImplemented)
+        leaves = {k: case[k].clone().requires_grad_() for k in ("pred", "target", "raw")}
+        total, terms, counts = forward(dict(case, **leaves), reduction)
+        assert ("FusedSequenceLoss" in node_name(total)) == python_path
+        go = torch.ones_like(total) if grad_output == "one" else \
+            torch.linspace(0.3, 1.7, total.numel(), dtype=total.dtype).reshape(total.shape)
+        total.backward(go)
+        results.append((total.detach(), terms, counts, *(leaves[k].grad for k in leaves)))
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_backward_twice_with_retain_graph(autograd_path, reduction):
+    """A retained graph keeps its saved gradients: the caller gets tensors of
+    its own, which it may modify, and a second backward is unchanged."""
+    case = make_case(3, 5, 52, dtype=torch.float32, seed=23)
+    pred, raw = case["pred"].requires_grad_(), case["raw"].requires_grad_()
+    total = forward(case, reduction)[0].sum()
+    first = torch.autograd.grad(total, (pred, raw), retain_graph=True)
+    expected = [g.clone() for g in first]
+    for g in first:
+        g.zero_()
+    doubled = torch.autograd.grad(total * 2, (pred, raw), retain_graph=True)
+    last = torch.autograd.grad(total, (pred, raw))  # the graph is freed now
+    for a, b, c in zip(expected, doubled, last):
+        torch.testing.assert_close(b, 2 * a)
+        assert torch.equal(a, c)
+
+
+def test_terms_do_not_need_grad_and_total_unused(autograd_path):
+    case = make_case(2, 4, 52, dtype=torch.float32, seed=24)
+    pred = case["pred"].requires_grad_()
+    total, terms, _ = forward(case)
+    with pytest.raises(RuntimeError):  # terms carry no graph: autograd's error, not a crash
+        terms.sum().backward()
+    (total * 0.0).backward()
+    assert torch.count_nonzero(pred.grad) == 0
+
+
+def test_saved_tensor_hooks_see_the_saved_gradients(autograd_path):
+    """Saved-tensor hooks (offloading, checkpointing) get the saved gradients.
+    At this size the C++ node runs the kernel without the GIL; the Python
+    hooks run after it, with the GIL."""
+    case = make_case(4, 400, 52, dtype=torch.float32, seed=25)  # 83200 elements: the GIL is released
+    pred, raw = case["pred"].requires_grad_(), case["raw"].requires_grad_()
+    packed = []
+
+    def pack(t):
+        packed.append(tuple(t.shape))
+        return t.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        total = forward(case)[0]
+    assert packed.count(tuple(pred.shape)) == 2  # grad_pred and grad_raw
+    got = torch.autograd.grad(total, (pred, raw))
+    want = torch.autograd.grad(forward(case)[0], (pred, raw))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_freed_graph_hands_over_the_saved_gradients():
+    """Without retain_graph, the C++ node's backward with grad_output 1 hands
+    the saved buffers over (no copy): the buffer pool sees no allocation."""
+    case = make_case(64, 128, 52, dtype=torch.float32, seed=26)
+    pred = case["pred"].requires_grad_()
+    forward(case)[0].backward()  # warm-up
+    pred.grad = None
+    total = forward(case)[0]
+    before = _ops.library.cpu_buffer_pool_stats()
+    total.backward()
+    after = _ops.library.cpu_buffer_pool_stats()
+    assert after["hits"] + after["misses"] == before["hits"] + before["misses"]
+    assert pred.grad is not None and pred.grad.shape == pred.shape
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -731,8 +731,6 @@ struct SequenceInputs {
   std::array<double, kSequenceTerms> weights_host{}, counts_host{};
 };
 
-using SequenceOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
 template <typename scalar_t>
 void run_sequence(const SequenceInputs& in, SequenceOutputs& outs, cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
