@@ -9,7 +9,9 @@
 // thing: forward runs the operator, which also computes the gradients, and
 // saves them; backward scales them by grad_output, or, under create_graph,
 // makes them differentiable. When the graph is being freed, both scale them in
-// place (scale_gradients_) and hand them over. tests/test_autograd.py and
+// place (scale_gradients_) and hand them over. The sequence loss's reduction
+// "none" differs: forward computes no gradient, and backward runs the
+// operator again with frame_scale = grad_output. tests/test_autograd.py and
 // tests/test_sequence_op.py run their checks on both.
 //
 // Why a second implementation: at B = 4 the Python Function's bookkeeping
@@ -206,9 +208,10 @@ SequenceOutputs call_sequence(const at::Tensor& pred, const at::Tensor& target,
 }
 
 // Gradients for backward(create_graph=True) of the sequence loss: the
-// Python glue's _differentiable_gradients (koemorph_fused/_sequence_ops.py),
-// the one implementation of the loss in differentiable torch arithmetic.
-// Double backward is rare; calling it keeps the formulas in one place.
+// Python glue's _differentiable_gradients (koemorph_fused/_sequence_ops.py;
+// the package is imported by then, since only it creates this node), the one
+// implementation of the loss in differentiable torch arithmetic. Double
+// backward is rare; calling it keeps the formulas in one place.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_differentiable_gradients(
     c10::ArrayRef<c10::IValue> state, const at::Tensor& go) {
   namespace py = pybind11;

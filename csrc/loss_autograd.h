@@ -21,6 +21,7 @@ std::tuple<at::Tensor, at::Tensor> temporal_loss_with_autograd(
 // differentiable in pred, target and raw as above; the C++ counterpart of
 // koemorph_fused._sequence_ops.FusedSequenceLoss. Arguments as the
 // operator's (csrc/ops.cpp), without frame_scale; reduction is its code.
+// Called with the GIL held, as temporal_loss_with_autograd.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_loss_with_autograd(
     const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& raw,
     const std::optional<at::Tensor>& prev, const std::optional<at::Tensor>& prev_target,

@@ -15,14 +15,16 @@ the backward:
   ``frame_scale = grad_output`` (each frame's terms weighted by its own
   ``grad_output``), so forward computes no gradient;
 * under ``create_graph`` (double backward, torch.func) the gradients are
-  recomputed differentiably with torch arithmetic (:func:`_differentiable_gradients`).
+  recomputed differentiably with torch arithmetic (:func:`_differentiable_gradients`);
+* forward mode (``jvp``, ``jacfwd``, ``forward_ad``): :class:`FusedSequenceLossWithJvp`
+  adds a ``jvp`` rule, also in torch arithmetic (:func:`_total_jvp`).
 
 :func:`fused_sequence_forward` is the entry of the public API (inputs already
 validated by koemorph_fused/sequence.py). Eager calls on plain tensors take
 the C++ autograd node that does the same (``_C.sequence_loss``,
 csrc/loss_autograd.cpp; its double backward calls
 :func:`_differentiable_gradients`); traced calls, tensor subclasses,
-forward-mode AD and torch.func transforms take :class:`FusedSequenceLoss`.
+forward-mode AD and torch.func transforms take the Python Function.
 """
 
 from __future__ import annotations
@@ -145,6 +147,47 @@ class FusedSequenceLoss(torch.autograd.Function):
         return tuple(g if n and g is not None and g.numel() else None for g, n in zip(grads, need[:3])) + (None,) * 12
 
 
+class FusedSequenceLossWithJvp(FusedSequenceLoss):
+    """:class:`FusedSequenceLoss` with a ``jvp`` rule, for forward-mode AD
+    (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``). Dynamo
+    cannot trace a Function that defines ``jvp`` (as for the row loss's
+    ``FusedTemporalLossWithJvp``), so traced calls use the base class; eager
+    calls that reach Python use this one."""
+
+    @staticmethod
+    def jvp(ctx, pred_t, target_t, raw_t, *unused):
+        return _total_jvp(ctx.inputs, (pred_t, target_t, raw_t)), None, None, None, None, None
+
+
+def _total_jvp(args, tangents) -> torch.Tensor:
+    """The directional derivative of ``total`` along the tangents of pred,
+    target and raw (the other inputs are constants), in plain torch and
+    torch.func, so that it is itself differentiable in any transform
+    (``jacfwd(jacfwd(...))``): ``Σ_x <∇_x total, tangent_x>``, and for
+    reduction "none" each frame's own. There ``s(u) = Σ u[b,t] · total[b,t]``
+    (:func:`sequence_total_torch` with ``frame_scale = u``) has ``∇_x s = Jᵀu``,
+    linear in ``u``, so ``∇_u Σ_x <∇_x s, tangent_x> = J · tangent``: two
+    ``torch.func.grad`` (plain forward-mode AD does not nest a ``jvp``)."""
+    pred, target, raw = args[:3]
+    rest = args[3:]
+    acc = args[8].dtype
+    primals = (pred, target) if raw is None else (pred, target, raw)
+    tangents = tuple(torch.zeros_like(x) if t is None else t for x, t in zip(primals, tangents))
+    none = args[11] == _NONE
+
+    def weighted(u, *xs):  # total (scalar), or s(u) for "none"
+        xs = xs + (None,) * (3 - len(xs))
+        return sequence_total_torch(*xs, *rest, frame_scale=u) if none else sequence_total_torch(*xs, *rest)
+
+    def along_tangents(u):  # Σ_x <∇_x weighted(u, x), tangent_x>
+        grads = torch.func.grad(weighted, argnums=tuple(range(1, len(primals) + 1)))(u, *primals)
+        return sum((g.to(acc) * t.to(acc)).sum() for g, t in zip(grads, tangents))
+
+    if none:
+        return torch.func.grad(along_tangents)(torch.zeros(pred.shape[:2], dtype=acc, device=pred.device))
+    return along_tangents(None)
+
+
 def sequence_total_torch(pred, target, raw, prev, prev_target, lengths, mask, continuity, column_weights, weights,
                          counts, reduction: int, frame_scale=None) -> torch.Tensor:
     """The operator's weighted total in plain torch arithmetic, differentiable
@@ -191,24 +234,25 @@ def sequence_total_torch(pred, target, raw, prev, prev_target, lengths, mask, co
 
 
 def _differentiable_gradients(args, grad_total):
-    """The gradients of ``total`` as differentiable tensors, for double
-    backward: :func:`sequence_total_torch` then
-    ``autograd.grad(..., create_graph=True)``. Only used under create_graph."""
+    """The gradients of ``total`` (times ``grad_total``) as differentiable
+    tensors, for double backward: ``torch.func.grad`` of
+    :func:`sequence_total_torch`. Functional, so the result is differentiable
+    both by autograd (``backward(create_graph=True)``) and inside torch.func
+    transforms (``hessian``, ``jacrev(jacrev(...))``), where the unwrapped
+    inputs do not ``require_grad`` and ``autograd.grad`` would see nothing to
+    differentiate. Only used under create_graph."""
     pred, target, raw, reduction = args[0], args[1], args[2], args[11]
-    with torch.enable_grad():
-        inputs = [x for x in (pred, target, raw) if x is not None and x.requires_grad]
+    rest = args[3:]
+    primals = (pred, target) if raw is None else (pred, target, raw)
+
+    def scaled_total(*xs):
+        xs = xs + (None,) * (3 - len(xs))
         if reduction == _NONE:
-            total = sequence_total_torch(*args, frame_scale=grad_total)
-        else:
-            total = sequence_total_torch(*args) * grad_total.to(args[8].dtype)
-        grads = torch.autograd.grad(total, inputs, create_graph=True, allow_unused=True) \
-            if total.requires_grad else [None] * len(inputs)
-    by_input = {id(x): gr for x, gr in zip(inputs, grads)}
-    out = []
-    for x in (pred, target, raw):
-        gr = by_input.get(id(x)) if x is not None else None
-        out.append(torch.zeros_like(x) if gr is None and x is not None else gr)
-    return tuple(out)
+            return sequence_total_torch(*xs, *rest, frame_scale=grad_total)
+        return sequence_total_torch(*xs, *rest) * grad_total.to(args[8].dtype)
+
+    grads = torch.func.grad(scaled_total, argnums=tuple(range(len(primals))))(*primals)
+    return tuple(grads) + (None,) * (3 - len(grads))
 
 
 def fused_sequence_forward(
@@ -246,7 +290,8 @@ def fused_sequence_forward(
         want = (grad and pred.requires_grad, grad and target.requires_grad,
                 grad and raw is not None and raw.requires_grad)
     if any(want):
-        total, terms, this_counts, *_ = FusedSequenceLoss.apply(
+        function = FusedSequenceLoss if torch.compiler.is_compiling() else FusedSequenceLossWithJvp
+        total, terms, this_counts, *_ = function.apply(
             pred, target, raw, prev, prev_target, lengths, mask, continuity, column_weights, weights, counts,
             code, *want)
     else:

@@ -12,7 +12,9 @@ import sys
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
+import koemorph_fused as kf
 from koemorph_fused import _ops
 from koemorph_fused import _sequence_ops as seq
 from koemorph_fused.terms import EXPRESSION_INDICES, MOUTH_INDICES
@@ -552,3 +554,62 @@ def test_vmap_and_per_sample_gradients():
         p = c["pred"].clone().requires_grad_()
         (expected,) = torch.autograd.grad(total(p, c["target"], c["raw"]), p)
         torch.testing.assert_close(grads[i], expected)
+
+
+# Forward mode and higher-order transforms, against the reference (plain
+# torch, so torch.func differentiates it op by op).
+
+def transform_case(seed, raw=True):
+    g = torch.Generator().manual_seed(seed)
+    shape = (2, 4, 13)
+    pred, target = rand(shape, torch.float64, g), rand(shape, torch.float64, g)
+    kwargs = dict(prev=rand((2, 13), torch.float64, g), prev_target=rand((2, 13), torch.float64, g),
+                  lengths=torch.tensor([4, 2]), continuity=torch.tensor([[1, 1, 0, 1], [0, 1, 1, 1]]),
+                  velocity_weight=0.7, mouth_indices=[0, 12, 12], expression_indices=[1, 2, 3])
+    return pred, target, rand(shape, torch.float64, g) if raw else None, kwargs
+
+
+LOSSES = {"fused": kf.sequence_loss, "reference": kf.reference.sequence_loss}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("raw", [True, False])
+def test_jvp_and_forward_ad_match_reference(reduction, raw):
+    pred, target, raw_t, kwargs = transform_case(30, raw)
+    primals = (pred, target) + ((raw_t,) if raw else ())
+    tangents = tuple(torch.rand_like(x) for x in primals)
+    results = {}
+    for name, loss in LOSSES.items():
+        def total(*xs):
+            return loss(*xs, reduction=reduction, **kwargs).total
+        _, along = torch.func.jvp(total, primals, tangents)
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(pred, tangents[0])
+            dual_total = loss(dual, *primals[1:], reduction=reduction, **kwargs).total
+            along_pred = fwAD.unpack_dual(dual_total).tangent
+        results[name] = (along, along_pred)
+    for a, b in zip(results["fused"], results["reference"]):
+        assert a.shape == b.shape == (() if reduction != "none" else pred.shape[:2])
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("transform", ["hessian", "jacrev_jacrev", "jacrev_jacfwd"])
+def test_second_derivatives_under_transforms_match_reference(transform):
+    """Inside torch.func the unwrapped inputs do not require grad; the second
+    derivatives still come out (they were zero before double backward used
+    torch.func.grad)."""
+    pred, target, raw, kwargs = transform_case(31)
+    outer, inner = {"hessian": (torch.func.jacfwd, torch.func.jacrev),
+                    "jacrev_jacrev": (torch.func.jacrev, torch.func.jacrev),
+                    "jacrev_jacfwd": (torch.func.jacrev, torch.func.jacfwd)}[transform]
+    results = [outer(inner(lambda p: loss(p, target, raw, **kwargs).total))(pred) for loss in LOSSES.values()]
+    assert results[1].abs().max() > 0
+    torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
+
+
+def test_jacfwd_of_reduction_none_matches_reference():
+    pred, target, raw, kwargs = transform_case(32)
+    results = [torch.func.jacfwd(lambda p: loss(p, target, raw, reduction="none", **kwargs).total)(pred)
+               for loss in LOSSES.values()]
+    assert results[0].shape == pred.shape[:2] + pred.shape
+    torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
