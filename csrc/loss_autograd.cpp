@@ -83,6 +83,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_saved_gradients(const at::T
   return scale_operator().call(go, saved[0], saved[1], saved[2], dtype);
 }
 
+// Version counters of the tensors in a node's state at forward (-1 for
+// anything else, and for inference tensors, which have no counter). The
+// backward paths that read those inputs again (create_graph; the sequence
+// loss's reduction "none") check them, as autograd checks saved tensors: an
+// input changed in place in between raises instead of giving the gradients
+// of other values. The other paths read only the saved gradients.
+c10::List<int64_t> versions_of(c10::ArrayRef<c10::IValue> state) {
+  c10::List<int64_t> versions;
+  for (const c10::IValue& x : state) {
+    const bool counted = x.isTensor() && !x.toTensor().is_inference();
+    versions.push_back(counted ? x.toTensor()._version() : -1);
+  }
+  return versions;
+}
+
+void check_unchanged(c10::ArrayRef<c10::IValue> state, const c10::IValue& versions,
+                     c10::ArrayRef<const char*> names, const char* loss) {
+  const c10::List<int64_t> at_forward = versions.toIntList();
+  for (size_t i = 0; i < names.size(); ++i) {
+    const int64_t expected = at_forward.get(i);
+    if (expected < 0) continue;
+    const int64_t now = state[i].toTensor()._version();
+    TORCH_CHECK(now == expected,
+                "one of the variables needed for gradient computation has been modified by an "
+                "inplace operation: ", loss, "'s ", names[i], " is at version ", now,
+                "; expected version ", expected, " instead (this backward reads it again)");
+  }
+}
+
 // Gradients of the saved gradients for backward(create_graph=True). The loss
 // is piecewise quadratic, so its gradient is piecewise linear: away from the
 // |x| = 0 kinks, d grad_pred / d pred = kd[c] + kt[r], d grad_pred / d target
@@ -143,9 +172,11 @@ struct TemporalLossFunction : public torch::autograd::Function<TemporalLossFunct
     ctx->mark_non_differentiable({terms});
     // What backward and a create_graph backward read. Inputs, not outputs:
     // no reference cycle.
-    ctx->saved_data["state"] = c10::ivalue::Tuple::create(
+    auto state = c10::ivalue::Tuple::create(
         {pred, target, c.continuity ? c10::IValue(*c.continuity) : c10::IValue(), c.column_weights,
          c.weights, c.prev.has_value()});
+    ctx->saved_data["versions"] = versions_of(state->elements());
+    ctx->saved_data["state"] = std::move(state);
     return {total, terms};
   }
 
@@ -159,6 +190,8 @@ struct TemporalLossFunction : public torch::autograd::Function<TemporalLossFunct
     const at::ScalarType dtype = state[0].toTensor().scalar_type();
     at::Tensor g_pred, g_target, g_raw;
     if (at::GradMode::is_enabled()) {  // backward(create_graph=True)
+      check_unchanged(state, ctx->saved_data["versions"],
+                      {"pred", "target", "continuity", "column_weights", "weights"}, "temporal_loss");
       std::tie(g_pred, g_target, g_raw) = differentiable_gradients(state, saved, go);
     } else {
       std::tie(g_pred, g_target, g_raw) = scale_saved_gradients(go, saved, dtype);
@@ -181,6 +214,10 @@ struct SequenceConstants {
 };
 
 constexpr int64_t kReductionNone = 0, kReductionSum = 2;  // the operator's codes (csrc/ops.cpp)
+// The tensors of the sequence node's state, in order.
+constexpr const char* kSequenceInputNames[] = {"pred", "target", "raw", "prev", "prev_target", "lengths",
+                                               "mask", "continuity", "column_weights", "weights",
+                                               "counts"};
 
 c10::IValue optional_value(const std::optional<at::Tensor>& t) {
   return t ? c10::IValue(*t) : c10::IValue();
@@ -248,11 +285,13 @@ struct SequenceLossFunction : public torch::autograd::Function<SequenceLossFunct
     ctx->mark_non_differentiable({terms, counts});
     // The operator's arguments, as _differentiable_gradients takes them, then
     // the gradients to compute. Inputs, not outputs: no reference cycle.
-    ctx->saved_data["state"] = c10::ivalue::Tuple::create(
+    auto state = c10::ivalue::Tuple::create(
         {pred, target, optional_value(raw), optional_value(c.prev), optional_value(c.prev_target),
          optional_value(c.lengths), optional_value(c.mask), optional_value(c.continuity),
          c.column_weights, c.weights, optional_value(c.counts), c.reduction, grad_pred,
          grad_target, grad_raw});
+    ctx->saved_data["versions"] = versions_of(state->elements());
+    ctx->saved_data["state"] = std::move(state);
     return {total, terms, counts};
   }
 
@@ -264,6 +303,9 @@ struct SequenceLossFunction : public torch::autograd::Function<SequenceLossFunct
         ctx->saved_data["state"].toTupleRef().elements().asArrayRef();
     const at::Tensor& pred = state[0].toTensor();
     const int64_t reduction = state[11].toInt();
+    if (at::GradMode::is_enabled() || reduction == kReductionNone) {  // reads the inputs again
+      check_unchanged(state, ctx->saved_data["versions"], kSequenceInputNames, "sequence_loss");
+    }
     at::Tensor g_pred, g_target, g_raw;
     if (at::GradMode::is_enabled()) {  // backward(create_graph=True)
       std::tie(g_pred, g_target, g_raw) = sequence_differentiable_gradients(state.slice(0, 12), go);

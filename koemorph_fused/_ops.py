@@ -138,6 +138,35 @@ if hasattr(torch.library, "register_vmap"):  # torch >= 2.5
     torch.library.register_vmap("koemorph_fused::scale_gradients", _scale_vmap)
 
 
+def input_versions(tensors) -> Optional[tuple]:
+    """Version counters of the inputs a backward may read again (None for an
+    absent input or an inference tensor, which has none); None altogether
+    when traced or inside a torch.func transform, where in-place changes of
+    inputs are not tracked this way. See :func:`check_unchanged`."""
+    if torch.compiler.is_compiling() or _transform_active():
+        return None
+    return tuple(x._version if isinstance(x, torch.Tensor) and not x.is_inference() else None for x in tensors)
+
+
+def check_unchanged(names, tensors, versions: Optional[tuple], loss: str) -> None:
+    """Raise, as autograd does for its saved tensors, when an input that this
+    backward reads again (create_graph; the sequence loss's reduction "none")
+    was changed in place after forward: it would otherwise give the gradients
+    of other values. The C++ nodes check the same (csrc/loss_autograd.cpp)."""
+    if versions is None:
+        return
+    for name, x, expected in zip(names, tensors, versions):
+        if expected is not None and x._version != expected:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: {loss}'s {name} is at version {x._version}; expected version {expected} "
+                "instead (this backward reads it again)")
+
+
+#: The tensors of FusedTemporalLoss's ``ctx.inputs``, in order.
+ROW_INPUT_NAMES = ("pred", "target", "continuity", "column_weights", "weights")
+
+
 class FusedTemporalLoss(torch.autograd.Function):
     """``(total, terms, grad_pred, grad_target, grad_raw)`` of the fused loss;
     ``total`` is differentiable in pred, target and raw (reverse mode, also
@@ -170,6 +199,7 @@ class FusedTemporalLoss(torch.autograd.Function):
         # Read by backward (pred's dtype) and by a create_graph backward (what
         # it linearizes around). Inputs, not outputs: no reference cycle.
         ctx.inputs = (pred, target, continuity, column_weights, weights, prev is not None)
+        ctx.versions = input_versions(ctx.inputs[:5])
 
     @staticmethod
     def backward(ctx, grad_total, *unused):
@@ -178,6 +208,7 @@ class FusedTemporalLoss(torch.autograd.Function):
         grads = ctx.saved_tensors
         dtype = ctx.inputs[0].dtype
         if torch.is_grad_enabled():  # backward(create_graph=True), torch.func.grad
+            check_unchanged(ROW_INPUT_NAMES, ctx.inputs, ctx.versions, "temporal_loss")
             grads = _differentiable_gradients(ctx.inputs, grads, grad_total)
         elif _can_hand_over(grads, grad_total, dtype):
             # As the C++ node: scaled in place (the same bits as the scaling

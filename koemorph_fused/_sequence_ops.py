@@ -34,8 +34,8 @@ from typing import Optional
 import torch
 
 from ._ops import (
-    _can_hand_over, _torch_scale_in_place, _transform_active, accumulation_dtype, gradient_storage_dtype, library,
-    scale_op,
+    _can_hand_over, _torch_scale_in_place, _transform_active, accumulation_dtype, check_unchanged,
+    gradient_storage_dtype, input_versions, library, scale_op,
 )
 from ._validation import REDUCTIONS
 from .sequence import frame_sets
@@ -44,6 +44,9 @@ _torch_sequence = torch.ops.koemorph_fused.sequence_loss_forward.default
 _fast_sequence_loss = library.sequence_loss
 
 NUM_TERMS = 6
+#: The tensors among the operator's arguments (and FusedSequenceLoss's ``ctx.inputs``), in order.
+SEQUENCE_INPUT_NAMES = ("pred", "target", "raw", "prev", "prev_target", "lengths", "mask", "continuity",
+                        "column_weights", "weights", "counts")
 _NONE, _MEAN, _SUM = (REDUCTIONS[name] for name in ("none", "mean", "sum"))
 
 
@@ -129,6 +132,7 @@ class FusedSequenceLoss(torch.autograd.Function):
         # create_graph backward compute from them.
         ctx.inputs = inputs[:12]
         ctx.want = inputs[12:]
+        ctx.versions = input_versions(inputs[:11])
 
     @staticmethod
     def backward(ctx, grad_total, *unused):
@@ -136,6 +140,8 @@ class FusedSequenceLoss(torch.autograd.Function):
             return (None,) * 15
         args = ctx.inputs
         pred, reduction = args[0], args[11]
+        if torch.is_grad_enabled() or reduction == _NONE:  # these read the inputs again
+            check_unchanged(SEQUENCE_INPUT_NAMES, args, ctx.versions, "sequence_loss")
         if torch.is_grad_enabled():  # backward(create_graph=True), torch.func.grad
             grads = _differentiable_gradients(args, grad_total)
         elif reduction == _NONE:

@@ -142,6 +142,22 @@ def test_terms_do_not_need_grad_and_total_unused(autograd_path):
     assert torch.count_nonzero(pred.grad) == 0
 
 
+def test_inputs_changed_in_place_before_a_create_graph_backward_raise(autograd_path):
+    """Double backward reads pred and target again: changed in place after
+    forward, they raise (as autograd's saved tensors do); a plain backward
+    reads only the saved gradients, so there the change does not matter."""
+    pred, target = rand((5, 52), torch.float64).requires_grad_(), rand((5, 52), torch.float64)
+    expected = torch.autograd.grad(kf.temporal_loss(pred, target).total, pred)[0]
+    total = kf.temporal_loss(pred, target).total
+    target.add_(1)
+    target.sub_(1)  # the same values, a new version
+    assert torch.equal(torch.autograd.grad(total, pred)[0], expected)
+    total = kf.temporal_loss(pred, target).total
+    target.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation: temporal_loss's target"):
+        torch.autograd.grad(total, pred, create_graph=True)
+
+
 def test_saved_tensor_hooks_apply_to_the_saved_gradients(autograd_path):
     """Saved-tensor hooks (offloading, checkpointing) see the saved gradients.
     At this size the C++ node runs the kernel without the GIL; the Python

@@ -471,6 +471,47 @@ def test_terms_do_not_need_grad_and_total_unused(autograd_path):
     assert torch.count_nonzero(pred.grad) == 0
 
 
+@pytest.mark.parametrize("changed", ["target", "lengths", "weights"])
+def test_inputs_changed_in_place_before_a_backward_that_reads_them_raise(autograd_path, changed):
+    """Reduction "none" and create_graph read the inputs again in backward:
+    an input changed in place after forward raises, as autograd does for
+    its saved tensors; "mean" without create_graph reads only the gradients
+    forward saved, so the change does not matter there."""
+    case = make_case(2, 4, 52, dtype=torch.float64, seed=27)
+    pred = case["pred"].requires_grad_()
+    weights = torch.tensor(WEIGHTS, dtype=torch.float64)
+
+    def change():
+        {"target": case["target"], "lengths": case["lengths"], "weights": weights}[changed].add_(1)
+
+    def total(reduction):
+        return seq.fused_sequence_forward(
+            pred, case["target"], case["raw"], case["prev"], case["prev_target"], case["lengths"], None, None,
+            _ops.column_weights(MOUTH_INDICES, EXPRESSION_INDICES, 52, torch.float64, pred.device), weights,
+            None, reduction)[0].sum()
+
+    expected = torch.autograd.grad(total("mean"), pred)[0]
+    mean = total("mean")
+    change()
+    assert torch.equal(torch.autograd.grad(mean, pred)[0], expected)
+    for reduction, create_graph in (("none", False), ("mean", True)):
+        out = total(reduction)
+        change()
+        with pytest.raises(RuntimeError, match=f"modified by an inplace operation: sequence_loss's {changed}"):
+            torch.autograd.grad(out, pred, create_graph=create_graph)
+
+
+def test_inference_tensors_as_frame_inputs(autograd_path):
+    """lengths made under torch.inference_mode have no version counter: taken as they are."""
+    case = make_case(2, 4, 52, dtype=torch.float64, seed=28)
+    pred = case["pred"].requires_grad_()
+    with torch.inference_mode():
+        lengths = torch.tensor([3, 1])
+    got = torch.autograd.grad(forward(dict(case, lengths=lengths), "none")[0].sum(), pred)[0]
+    want = torch.autograd.grad(forward(dict(case, lengths=lengths.clone()), "none")[0].sum(), pred)[0]
+    assert torch.equal(got, want)
+
+
 def test_saved_tensor_hooks_see_the_saved_gradients(autograd_path):
     """Saved-tensor hooks (offloading, checkpointing) get the saved gradients.
     At this size the C++ node runs the kernel without the GIL; the Python
