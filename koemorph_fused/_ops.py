@@ -237,7 +237,12 @@ class FusedTemporalLossWithJvp(FusedTemporalLoss):
     @staticmethod
     def setup_context(ctx, inputs, output):
         FusedTemporalLoss.setup_context(ctx, inputs, output)
-        ctx.save_for_forward(*output[2:])
+        # Not save_for_forward: torch then gives jacfwd(jacfwd(...)) zeros
+        # (it does not differentiate a jvp rule at an outer forward level);
+        # read from ctx, the nested call raises instead (docs/spec.md). Kept
+        # only where jvp can run: an extra reference would make autograd copy
+        # a handed-over gradient instead of taking it.
+        ctx.forward_grads = output[2:] if _transform_active() else None
 
     @staticmethod
     def jvp(ctx, pred_t, target_t, prev_t, raw_t, *unused):
@@ -245,7 +250,7 @@ class FusedTemporalLossWithJvp(FusedTemporalLoss):
         pred, target and raw (prev and continuity are constants)."""
         acc = ctx.inputs[3].dtype  # the column weights': float32 or float64
         total_t = None
-        for g, t in zip(ctx.saved_tensors, (pred_t, target_t, raw_t)):
+        for g, t in zip(ctx.forward_grads, (pred_t, target_t, raw_t)):
             if t is not None and g.numel() != 0:
                 part = (g.to(acc) * t.to(acc)).sum()
                 total_t = part if total_t is None else total_t + part

@@ -168,8 +168,8 @@ class FusedSequenceLossWithJvp(FusedSequenceLoss):
 def _total_jvp(args, tangents) -> torch.Tensor:
     """The directional derivative of ``total`` along the tangents of pred,
     target and raw (the other inputs are constants), in plain torch and
-    torch.func, so that it is itself differentiable in any transform
-    (``jacfwd(jacfwd(...))``): ``Σ_x <∇_x total, tangent_x>``, and for
+    torch.func, so that an outer reverse-mode transform differentiates it
+    (``jacrev(jacfwd(...))``): ``Σ_x <∇_x total, tangent_x>``, and for
     reduction "none" each frame's own. There ``s(u) = Σ u[b,t] · total[b,t]``
     (:func:`sequence_total_torch` with ``frame_scale = u``) has ``∇_x s = Jᵀu``,
     linear in ``u``, so ``∇_u Σ_x <∇_x s, tangent_x> = J · tangent``: two

@@ -152,3 +152,22 @@ def test_transforms_leave_no_wrapped_tensors_behind(transform):
     torch.testing.assert_close(eager.terms, kf.reference.temporal_loss(pred, target, **groups).terms)
     for colw in kf._ops._COLUMN_WEIGHTS.values():
         colw.data_ptr()  # a plain tensor with storage
+
+
+@pytest.mark.parametrize("loss", ["rows", "windows"])
+def test_nested_forward_mode_never_returns_wrong_numbers(loss):
+    """jacfwd(jacfwd(...)): torch (2.14) does not differentiate an
+    autograd.Function's jvp at an outer forward level (zeros for a Function
+    that uses save_for_forward); both losses make it an error there
+    (docs/spec.md). Should a torch get it right, it must equal the reference."""
+    pred = torch.rand(2, 3, 52, dtype=torch.float64)
+    target = torch.rand(2, 3, 52, dtype=torch.float64)
+    fused, reference = (kf.temporal_loss, kf.reference.temporal_loss) if loss == "rows" else \
+        (kf.sequence_loss, kf.reference.sequence_loss)
+    expected = jacfwd(jacfwd(lambda p: reference(p, target).total))(pred)
+    assert expected.abs().max() > 0
+    try:
+        got = jacfwd(jacfwd(lambda p: fused(p, target).total))(pred)
+    except AssertionError:  # torch's "flat_bdims must not be None"
+        return
+    torch.testing.assert_close(got, expected)
