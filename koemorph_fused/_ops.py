@@ -237,12 +237,7 @@ class FusedTemporalLossWithJvp(FusedTemporalLoss):
     @staticmethod
     def setup_context(ctx, inputs, output):
         FusedTemporalLoss.setup_context(ctx, inputs, output)
-        # Not save_for_forward: torch then gives jacfwd(jacfwd(...)) zeros
-        # (it does not differentiate a jvp rule at an outer forward level);
-        # read from ctx, the nested call raises instead (docs/spec.md). Kept
-        # only where jvp can run: an extra reference would make autograd copy
-        # a handed-over gradient instead of taking it.
-        ctx.forward_grads = output[2:] if _transform_active() else None
+        ctx.save_for_forward(*output[2:])
 
     @staticmethod
     def jvp(ctx, pred_t, target_t, prev_t, raw_t, *unused):
@@ -250,7 +245,7 @@ class FusedTemporalLossWithJvp(FusedTemporalLoss):
         pred, target and raw (prev and continuity are constants)."""
         acc = ctx.inputs[3].dtype  # the column weights': float32 or float64
         total_t = None
-        for g, t in zip(ctx.forward_grads, (pred_t, target_t, raw_t)):
+        for g, t in zip(ctx.saved_tensors, (pred_t, target_t, raw_t)):
             if t is not None and g.numel() != 0:
                 part = (g.to(acc) * t.to(acc)).sum()
                 total_t = part if total_t is None else total_t + part
@@ -405,9 +400,30 @@ def _transform_active() -> bool:
     return _forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def check_forward_mode_not_nested() -> None:
+    """Raise where two forward-mode levels are active (``jvp`` or ``jacfwd``
+    inside ``jvp`` or ``jacfwd``): torch does not differentiate an
+    autograd.Function's ``jvp`` rule at an outer forward level, and both
+    losses' Functions would return zeros (or torch's internal error) there.
+    One forward level (``jvp``, ``jacfwd``, ``hessian`` = ``jacfwd(jacrev)``)
+    is supported."""
+    try:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+        levels = sum(i.key() == torch._C._functorch.TransformType.Jvp for i in retrieve_all_functorch_interpreters())
+    except (ImportError, AttributeError):  # a torch without these internals: nothing to count
+        return
+    if levels >= 2:  # (torch.func.jvp also opens a forward_ad level: not counted twice)
+        raise NotImplementedError(
+            "koemorph_fused: forward-mode AD nested in forward-mode AD (jvp or jacfwd inside jvp or jacfwd) is "
+            "not supported, because torch does not differentiate a custom autograd.Function's jvp rule; for "
+            "second derivatives use torch.func.hessian (jacfwd(jacrev(...))), jacrev(jacrev(...)) or double "
+            "backward")
+
+
 def python_fused_forward(pred, target, prev, raw, mask, colw, weights) -> LossOutput:
     """:func:`fused_forward` with the Python autograd Function."""
     if not torch.compiler.is_compiling() and _transform_active():
+        check_forward_mode_not_nested()
         # Tangents and transformed tensors need not require grad: compute
         # every gradient, for jvp and for the transforms' backward.
         want = (True, True, raw is not None)

@@ -118,12 +118,20 @@ class _FusedWeightBuffer(nn.Module):
         raise NotImplementedError
 
     def _store_weights(self) -> None:
-        """Called whenever the weights are assigned (the first time from __init__)."""
+        """Called whenever the weights are assigned (the first time from
+        __init__). Values equal to the ones last written are not written
+        again: a write bumps the buffer's version counter, and a backward
+        that reads the weights again (create_graph; the sequence loss's
+        reduction "none") would take it for a change and raise."""
+        vector = self._weight_vector()
         if "weight_values" in self._buffers:
+            if torch.equal(vector, self._written_weights):  # both on the CPU: no device sync
+                return
             with torch.no_grad():
-                self.weight_values.copy_(self._weight_vector())
+                self.weight_values.copy_(vector)
         else:
-            self.register_buffer("weight_values", self._weight_vector().clone(), persistent=False)
+            self.register_buffer("weight_values", vector.clone(), persistent=False)
+        self._written_weights = vector
 
     def _apply(self, fn, *args, **kwargs):
         """``.to()``, ``.cuda()``, ``.half()``, ...: the weight buffer follows

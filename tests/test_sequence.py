@@ -407,3 +407,22 @@ def test_meta_tensors_give_shapes_and_dtypes():
         assert out.total.shape == total_shape and out.terms.shape == terms_shape
         assert out.total.dtype == torch.float32 and out.counts.dtype == torch.int64
     assert loss_fn(pred, target, raw, lengths=torch.empty(4, dtype=torch.long, device="meta")).shape == ()
+
+
+def test_module_weights_assigned_between_forward_and_a_none_backward():
+    """Reduction "none" reads the weights again in backward: assigning the
+    same values in between changes nothing (the buffer is not written);
+    other values raise instead of giving the gradients of other weights."""
+    loss_fn = kf.FusedKoeMorphSequenceLoss(velocity_weight=0.5, reduction="none")
+    pred = torch.rand(2, 4, 52, requires_grad=True)
+    target = torch.rand(2, 4, 52)
+    expected = torch.autograd.grad(loss_fn(pred, target).sum(), pred)[0]
+    total = loss_fn(pred, target).sum()
+    loss_fn.weights = loss_fn.weights
+    loss_fn.velocity_weight = 0.5
+    assert torch.equal(torch.autograd.grad(total, pred)[0], expected)
+    total = loss_fn(pred, target).sum()
+    loss_fn.velocity_weight = 0.25
+    with pytest.raises(RuntimeError, match="sequence_loss's weights"):
+        torch.autograd.grad(total, pred)
+    assert torch.equal(loss_fn.weight_values[-1], torch.tensor(0.25, dtype=torch.float64))
