@@ -167,31 +167,26 @@ class FusedSequenceLossWithJvp(FusedSequenceLoss):
 
 def _total_jvp(args, tangents) -> torch.Tensor:
     """The directional derivative of ``total`` along the tangents of pred,
-    target and raw (the other inputs are constants), in plain torch and
-    torch.func, so that an outer reverse-mode transform differentiates it
-    (``jacrev(jacfwd(...))``): ``Σ_x <∇_x total, tangent_x>``, and for
-    reduction "none" each frame's own. There ``s(u) = Σ u[b,t] · total[b,t]``
-    (:func:`sequence_total_torch` with ``frame_scale = u``) has ``∇_x s = Jᵀu``,
-    linear in ``u``, so ``∇_u Σ_x <∇_x s, tangent_x> = J · tangent``: two
-    ``torch.func.grad`` (plain forward-mode AD does not nest a ``jvp``)."""
-    pred, target, raw = args[:3]
-    rest = args[3:]
+    target and raw (the other inputs are constants), from the differentiable
+    gradients of :func:`_differentiable_gradients`, so that an outer
+    reverse-mode transform differentiates it (``jacrev(jacfwd(...))``):
+    ``Σ_x <∇_x total, tangent_x>``, and for reduction "none" each frame's own.
+    There the gradients of ``s(u) = Σ u[b,t] · total[b,t]`` (``grad_total =
+    u``) are ``Jᵀu``, linear in ``u``, so ``∇_u Σ_x <Jᵀu, tangent_x> = J ·
+    tangent``: ``torch.func.grad`` once more (plain forward-mode AD does not
+    nest a ``jvp``)."""
+    pred = args[0]
     acc = args[8].dtype
-    primals = (pred, target) if raw is None else (pred, target, raw)
-    tangents = tuple(torch.zeros_like(x) if t is None else t for x, t in zip(primals, tangents))
-    none = args[11] == _NONE
+    zero = torch.zeros((), dtype=acc, device=pred.device)
 
-    def weighted(u, *xs):  # total (scalar), or s(u) for "none"
-        xs = xs + (None,) * (3 - len(xs))
-        return sequence_total_torch(*xs, *rest, frame_scale=u) if none else sequence_total_torch(*xs, *rest)
+    def along_tangents(scale):  # Σ_x <∇_x (scale · total), tangent_x>
+        grads = _differentiable_gradients(args, scale)
+        return sum(((g.to(acc) * t.to(acc)).sum() for g, t in zip(grads, tangents)
+                    if g is not None and t is not None), zero)
 
-    def along_tangents(u):  # Σ_x <∇_x weighted(u, x), tangent_x>
-        grads = torch.func.grad(weighted, argnums=tuple(range(1, len(primals) + 1)))(u, *primals)
-        return sum((g.to(acc) * t.to(acc)).sum() for g, t in zip(grads, tangents))
-
-    if none:
+    if args[11] == _NONE:
         return torch.func.grad(along_tangents)(torch.zeros(pred.shape[:2], dtype=acc, device=pred.device))
-    return along_tangents(None)
+    return along_tangents(torch.ones((), dtype=acc, device=pred.device))
 
 
 def sequence_total_torch(pred, target, raw, prev, prev_target, lengths, mask, continuity, column_weights, weights,
