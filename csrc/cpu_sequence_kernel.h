@@ -191,39 +191,38 @@ KF_HD void step_lanes(const StepOperands<typename Io<scalar_t>::Pack>& in, const
   for (int j = 0; j < IO::kParts; ++j) {
     const AVec p = in.p[j], g = in.g[j];
     AVec d = p - g;
-    AVec e, u, sm;
-    if constexpr (kPair >= 1) e = p - in.q[j];             // pred[t] - pred[t-1]
-    if constexpr (kPair == 2) u = e - (g - in.s[j]);      // velocity residual
-    if constexpr (kRaw) sm = p - in.r[j];
+    AVec e, u, un, rp;  // un: minus the next frame's velocity residual
+    if constexpr (kPair >= 1) e = p - in.q[j];            // pred[t] - pred[t-1]
+    if constexpr (kPair == 2) u = d - (in.q[j] - in.s[j]);  // velocity residual: d[t] - d[t-1]
+    if constexpr (kNext) un = d - (in.pn[j] - in.gn[j]);  // exactly -(that frame's u)
+    if constexpr (kRaw) rp = in.r[j] - p;                 // raw - pred: its sign is raw's gradient's
     if constexpr (kGrads) {
-      // difference_gradient of loss_math.h, its keep_nonzero mask precomputed.
+      // difference_gradient of loss_math.h with its keep_nonzero mask
+      // precomputed and applied to d (kd = 0: d becomes +0), in one fmadd.
       AVec kdd = in.kd[j];
       if constexpr (kScaled) kdd = kdd * k.kd_scale;
       AVec l1 = Lanes<AVec>::scaled_sign(d, k.l1);
       if constexpr (kScaled) l1 = l1 ^ k.flip;
-      const AVec gd = (in.kd_keep[j] & (kdd * d)) + l1;
+      const AVec gd = at::vec::fmadd(kdd, in.kd_keep[j] & d, l1);
       AVec gp = gd, gt = gd.neg();
       if constexpr (kPair >= 1) {
-        if (k.temporal_on) gp = gp + temporal_gradient(e, k.temporal);  // pred[t-1] detached
+        if (k.temporal_on) gp = at::vec::fmadd(k.temporal, e, gp);  // pred[t-1] detached
       }
-      if constexpr (kRaw) {
-        AVec gs = smoothing_gradient(sm, k.smoothing);
-        if constexpr (kScaled) gs = gs ^ k.flip;
-        gp = gp + gs;
-        g_raw[j] = gs.neg();
+      if constexpr (kRaw) {  // smoothing_gradient, negated: raw's gradient
+        AVec gr = smoothing_gradient(rp, k.smoothing);
+        if constexpr (kScaled) gr = gr ^ k.flip;
+        gp = gp - gr;
+        g_raw[j] = gr;
       }
       if constexpr (kPair == 2) {
-        if (k.velocity_on) {
-          const AVec vg = temporal_gradient(u, k.velocity);  // same form: coefficient * residual
-          gp = gp + vg;
-          gt = gt - vg;
+        if (k.velocity_on) {  // same form as the temporal gradient: coefficient * residual
+          gp = at::vec::fmadd(k.velocity, u, gp);
+          gt = at::vec::fmadd(k.velocity.neg(), u, gt);
         }
       }
-      if constexpr (kNext) {  // the next frame's residual, as that frame computes it
-        const AVec un = (in.pn[j] - p) - (in.gn[j] - g);
-        const AVec vn = temporal_gradient(un, k.velocity_next);
-        gp = gp - vn;
-        gt = gt + vn;
+      if constexpr (kNext) {
+        gp = at::vec::fmadd(k.velocity_next, un, gp);
+        gt = at::vec::fmadd(k.velocity_next.neg(), un, gt);
       }
       g_pred[j] = gp;
       g_target[j] = gt;
@@ -232,7 +231,7 @@ KF_HD void step_lanes(const StepOperands<typename Io<scalar_t>::Pack>& in, const
       d = tail[j] & d;
       if constexpr (kPair >= 1) e = tail[j] & e;
       if constexpr (kPair == 2) u = tail[j] & u;
-      if constexpr (kRaw) sm = tail[j] & sm;
+      if constexpr (kRaw) rp = tail[j] & rp;
     }
     if constexpr (kSlots) {
       (*sq)[j] = at::vec::fmadd(d, d, (*sq)[j]);
@@ -244,7 +243,7 @@ KF_HD void step_lanes(const StepOperands<typename Io<scalar_t>::Pack>& in, const
     ds.abs = ds.abs + Lanes<AVec>::abs(d);
     if constexpr (kPair >= 1) os.temporal = at::vec::fmadd(e, e, os.temporal);
     if constexpr (kPair == 2) os.velocity = at::vec::fmadd(u, u, os.velocity);
-    if constexpr (kRaw) os.smoothing = os.smoothing + Lanes<AVec>::abs(sm);
+    if constexpr (kRaw) os.smoothing = os.smoothing + Lanes<AVec>::abs(rp);
   }
 }
 
@@ -375,6 +374,11 @@ KF_HD void flat_step(const FlatView<scalar_t>& v, const FrameCoefficients<scalar
   using Pack = typename IO::Pack;
   const int64_t C = v.cols;
   StepOperands<Pack> in{};
+  if (stream) {  // the frame t+1 rows are the furthest ahead this step reads
+    prefetch_streaming(v.pred + i + C);
+    prefetch_streaming(v.target + i + C);
+    if constexpr (kRaw) prefetch_streaming(v.raw + i);
+  }
   in.p = IO::load(v.pred + i, count);
   in.g = IO::load(v.target + i, count);
   if constexpr (kRaw) in.r = IO::load(v.raw + i, count);

@@ -185,6 +185,20 @@ struct Io {
   }
 };
 
+// Calls that stream their gradients also read their inputs past the outer
+// caches: a non-temporal prefetch this far ahead of each load brings the line
+// into L1 only, so the tens of megabytes such a call reads do not evict what
+// its caller (Python, autograd) touches next (docs/performance.md,
+// "Non-temporal prefetch").
+constexpr int64_t kPrefetchBytes = 1024;
+
+template <class T>
+KF_HD void prefetch_streaming(const T* p) {
+#if defined(CPU_CAPABILITY_AVX2)
+  _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_NTA);  // never faults
+#endif
+}
+
 // Orders the non-temporal stores of store_streaming before later stores (and
 // the thread's hand-over of its results).
 inline void store_fence() {
