@@ -375,9 +375,9 @@ KF_HD void flat_step(const FlatView<scalar_t>& v, const FrameCoefficients<scalar
   const int64_t C = v.cols;
   StepOperands<Pack> in{};
   if (stream) {  // the frame t+1 rows are the furthest ahead this step reads
-    prefetch_streaming(v.pred + i + C);
-    prefetch_streaming(v.target + i + C);
-    if constexpr (kRaw) prefetch_streaming(v.raw + i);
+    prefetch_streaming(v.pred, i + C);
+    prefetch_streaming(v.target, i + C);
+    if constexpr (kRaw) prefetch_streaming(v.raw, i);
   }
   in.p = IO::load(v.pred + i, count);
   in.g = IO::load(v.target + i, count);
