@@ -191,16 +191,21 @@ KF_HD void step_lanes(const StepOperands<typename Io<scalar_t>::Pack>& in, const
   for (int j = 0; j < IO::kParts; ++j) {
     const AVec p = in.p[j], g = in.g[j];
     AVec d = p - g;
-    AVec e, u, un, rp;  // un: minus the next frame's velocity residual
-    if constexpr (kPair >= 1) e = p - in.q[j];            // pred[t] - pred[t-1]
-    if constexpr (kPair == 2) u = d - (in.q[j] - in.s[j]);  // velocity residual: d[t] - d[t-1]
-    if constexpr (kNext) un = d - (in.pn[j] - in.gn[j]);  // exactly -(that frame's u)
-    if constexpr (kRaw) rp = in.r[j] - p;                 // raw - pred: its sign is raw's gradient's
+    AVec e, u, un, rp;
+    if constexpr (kPair >= 1) e = p - in.q[j];        // pred[t] - pred[t-1]
+    // Velocity residual as d[t] - d[t-1] (docs/design.md, "Velocity coupling":
+    // the spec's grouping keeps p and g live longer and cost 5-8 % here), and
+    // minus the next frame's, d[t] - d[t+1]: exactly -(that frame's u), up to
+    // the sign of zero.
+    if constexpr (kPair == 2) u = d - (in.q[j] - in.s[j]);
+    if constexpr (kNext) un = d - (in.pn[j] - in.gn[j]);
+    if constexpr (kRaw) rp = in.r[j] - p;  // raw - pred: its sign is raw's gradient's
     if constexpr (kGrads) {
       // difference_gradient of loss_math.h with its keep_nonzero mask
-      // precomputed and applied to d (kd = 0: d becomes +0), in one fmadd.
+      // precomputed and applied to d (kd = 0: d becomes +0), in one fmadd;
+      // and to the scaled coefficient (kd = 0 with an infinite scale: 0, not NaN).
       AVec kdd = in.kd[j];
-      if constexpr (kScaled) kdd = kdd * k.kd_scale;
+      if constexpr (kScaled) kdd = in.kd_keep[j] & (kdd * k.kd_scale);
       AVec l1 = Lanes<AVec>::scaled_sign(d, k.l1);
       if constexpr (kScaled) l1 = l1 ^ k.flip;
       const AVec gd = at::vec::fmadd(kdd, in.kd_keep[j] & d, l1);
@@ -361,6 +366,11 @@ struct FlatView {
   acc_t* sq;  // the chunk's sums of d^2 per position of the period (period + kStep)
   int64_t cols, period;
   bool stream;  // SequenceProblem::stream
+  // With stream: prefetch_streaming. Only for frames of at most
+  // kPrefetchMaxFrameBytes: a prefetched line skips L2, and a row is read
+  // again two frames later (as the previous frame), so three frames of pred
+  // and of target must stay in L1 meanwhile.
+  bool prefetch;
 };
 
 // One step of a flat run: element i, position o of the period. kTarget:
@@ -374,7 +384,7 @@ KF_HD void flat_step(const FlatView<scalar_t>& v, const FrameCoefficients<scalar
   using Pack = typename IO::Pack;
   const int64_t C = v.cols;
   StepOperands<Pack> in{};
-  if (stream) {  // the frame t+1 rows are the furthest ahead this step reads
+  if (v.prefetch) {  // past the next frame's row (the furthest a step reads)
     prefetch_streaming(v.pred, i + C);
     prefetch_streaming(v.target, i + C);
     if constexpr (kRaw) prefetch_streaming(v.raw, i);
@@ -453,6 +463,7 @@ FrameSums<typename Io<scalar_t>::AVec> run_flat(const SequenceProblem<scalar_t>&
   v.cols = C;
   v.period = pb.period;
   v.stream = pb.stream;
+  v.prefetch = pb.stream && C * static_cast<int64_t>(sizeof(scalar_t)) <= kPrefetchMaxFrameBytes;
   const int64_t n = (fb - fa) * C;
   const auto range = [&](auto next, int64_t i0, int64_t i1, FrameSums<typename Io<scalar_t>::AVec> sums) {
     constexpr bool kNext = decltype(next)::value;

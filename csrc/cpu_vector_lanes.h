@@ -191,6 +191,8 @@ struct Io {
 // its caller (Python, autograd) touches next (docs/performance.md,
 // "Non-temporal prefetch").
 constexpr int64_t kPrefetchBytes = 1024;
+// Measured at C = 52 only; kept to frames that leave L1 room (FlatView::prefetch).
+constexpr int64_t kPrefetchMaxFrameBytes = 2048;
 
 // The line kPrefetchBytes past element `offset` of p. The address may lie
 // past the tensor's end (a prefetch never faults), so it is computed as an

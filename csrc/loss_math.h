@@ -4,7 +4,9 @@
 //   * the CUDA kernel instantiates them with float / double scalars;
 //   * the CPU kernel instantiates them with at::vec::Vectorized<float|double>
 //     (cpu_loss_kernel.h specialises Lanes<> for vectors).
-// So the CPU tests exercise the very expressions the GPU runs.
+// So the CPU tests exercise the very expressions the GPU runs, except that the
+// CPU sequence kernel adds a gradient's terms with fused multiply-adds
+// (cpu_sequence_kernel.h, step_lanes): the same values to rounding.
 //
 // Notation (docs/spec.md): d = pred - target, e = pred - prev,
 // s = pred - raw, R rows, C columns, N = R*C, m_r the continuity mask.

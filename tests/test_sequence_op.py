@@ -169,6 +169,22 @@ def test_frame_scale_is_the_none_backward():
         torch.testing.assert_close(g, o_grads[name])
 
 
+def test_infinite_frame_scale_with_a_zero_coefficient():
+    """A frame scale of inf (a "none" backward's grad_output) on columns whose d
+    coefficient is 0 (no MSE weight, outside the perceptual groups) adds
+    nothing there, as in the reference: the other terms' +-inf, not NaN."""
+    case = make_case(2, 4, 52, valid=None, continuity=None, seed=29)
+    weights = (0.0,) + WEIGHTS[1:]
+    scale = torch.ones(2, 4, dtype=torch.float64)
+    scale[0, 1] = float("inf")
+    *_, gp, gt, gr = call_op(case, "sum", weights=weights, frame_scale=scale)
+    o_grads = call_oracle(case, "sum", weights=weights, frame_scale=scale)[3]
+    for name, g in zip(("pred", "target", "raw"), (gp, gt, gr)):
+        torch.testing.assert_close(g, o_grads[name], equal_nan=True, msg=lambda m: f"grad_{name}: {m}")
+    outside = [c for c in range(52) if c not in set(MOUTH_INDICES) | set(EXPRESSION_INDICES)]
+    assert gr[0, 1, outside].isinf().all()  # smoothing's share alone: finite weights, infinite scale
+
+
 @pytest.mark.parametrize("shape", [(0, 4, 52), (3, 0, 52), (0, 0, 7)])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_empty_windows(shape, reduction):
