@@ -2,7 +2,7 @@
 // compiled once per instruction set like cpu_loss_kernel.h: include it from a
 // translation unit that first defines CPU_CAPABILITY.
 //
-// One design with the row kernel: the lane formulas of loss_math.h, the
+// One design with the row kernel: the lane pieces of loss_math.h, the
 // Io<> loads and stores of cpu_vector_lanes.h, chunks of a fixed size whose
 // partial sums are added in chunk order (bitwise the same for any thread
 // count), gradients stored as grad_storage_t.

@@ -185,11 +185,12 @@ struct Io {
   }
 };
 
-// Calls that stream their gradients also read their inputs past the outer
-// caches: a non-temporal prefetch this far ahead of each load brings the line
-// into L1 only, so the tens of megabytes such a call reads do not evict what
-// its caller (Python, autograd) touches next (docs/performance.md,
-// "Non-temporal prefetch").
+// The sequence kernel's flat runs that stream their gradients also read their
+// inputs past the outer caches: a non-temporal prefetch this far ahead of each
+// load brings the line into L1 only, so the tens of megabytes such a call
+// reads evict less of what its caller (Python, autograd) touches next
+// (docs/performance.md, "Fewer operations per element, and a non-temporal
+// prefetch"; the row kernel measured no gain and has none).
 constexpr int64_t kPrefetchBytes = 1024;
 // Measured at C = 52 only; kept to frames that leave L1 room (FlatView::prefetch).
 constexpr int64_t kPrefetchMaxFrameBytes = 2048;

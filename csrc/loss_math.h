@@ -5,8 +5,9 @@
 //   * the CPU kernel instantiates them with at::vec::Vectorized<float|double>
 //     (cpu_loss_kernel.h specialises Lanes<> for vectors).
 // So the CPU tests exercise the very expressions the GPU runs, except that the
-// CPU sequence kernel adds a gradient's terms with fused multiply-adds
-// (cpu_sequence_kernel.h, step_lanes): the same values to rounding.
+// CPU sequence kernel adds a gradient's terms with fused multiply-adds and
+// groups the velocity residual its own way (cpu_sequence_kernel.h,
+// step_lanes): the same values to rounding (docs/design.md, "Sequences").
 //
 // Notation (docs/spec.md): d = pred - target, e = pred - prev,
 // s = pred - raw, R rows, C columns, N = R*C, m_r the continuity mask.
