@@ -365,6 +365,9 @@ struct FlatView {
   const acc_t *kd, *kd_keep;
   acc_t* sq;  // the chunk's sums of d^2 per position of the period (period + kStep)
   int64_t cols, period;
+  // The first element of the run (from 0 to kStep - 1) whose index over all
+  // B * T frames is a multiple of kStep.
+  int64_t first_step;
   bool stream;  // SequenceProblem::stream
   // With stream: prefetch_streaming. Only for frames of at most
   // kPrefetchMaxFrameBytes: a prefetched line skips L2, and a row is read
@@ -427,10 +430,22 @@ FrameSums<typename Io<scalar_t>::AVec> flat_range(const FlatView<scalar_t> v, co
   using AVec = typename Io<scalar_t>::AVec;
   DiffSums<AVec> ds{sums.sq, sums.abs, sums.perceptual};
   OtherSums<AVec> os{sums.temporal, sums.smoothing, sums.velocity};
-  // Whole steps from i0 on keep the alignment of element i0.
-  const bool stream = kGrads && v.stream && streamable(v.gp ? v.gp + i0 : nullptr) &&
-                      streamable(v.gt ? v.gt + i0 : nullptr) && streamable(v.gr ? v.gr + i0 : nullptr);
+  // Steps start where the element index over all B * T frames is a multiple
+  // of kStep (after a shorter first step), as the row kernel's flat steps do:
+  // a whole step's gradients then fill one aligned 32-byte block (where the
+  // buffers are aligned, as torch allocates them), which store_streaming
+  // writes with one instruction per vector; and which elements share a step
+  // depends on the shapes only, never on addresses or on streaming.
   int64_t i = i0;
+  const int64_t head = std::min(i1 - i0, ((v.first_step - i0) % kStep + kStep) % kStep);
+  if (head > 0) {
+    flat_step<scalar_t, kRaw, kGrads, kNext, kTarget>(v, k, i, o, head, false, ds, os);
+    i += head;
+    o += head;
+    if (o >= v.period) o -= v.period;
+  }
+  const bool stream = kGrads && v.stream && streamable(v.gp ? v.gp + i : nullptr) &&
+                      streamable(v.gt ? v.gt + i : nullptr) && streamable(v.gr ? v.gr + i : nullptr);
   for (; i + kStep <= i1; i += kStep) {
     flat_step<scalar_t, kRaw, kGrads, kNext, kTarget>(v, k, i, o, kStep, stream, ds, os);
     o += kStep;
@@ -462,6 +477,8 @@ FrameSums<typename Io<scalar_t>::AVec> run_flat(const SequenceProblem<scalar_t>&
   v.sq = sq;
   v.cols = C;
   v.period = pb.period;
+  constexpr int64_t kStep = Io<scalar_t>::kStep;
+  v.first_step = (kStep - (fa * C) % kStep) % kStep;
   v.stream = pb.stream;
   v.prefetch = pb.stream && C * static_cast<int64_t>(sizeof(scalar_t)) <= kPrefetchMaxFrameBytes;
   const int64_t n = (fb - fa) * C;

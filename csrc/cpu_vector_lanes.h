@@ -89,6 +89,10 @@ constexpr bool kHaveStreamingStores = false;
 // did not pay (docs/performance.md, "Streaming stores").
 constexpr int64_t kStreamingStoreBytes = int64_t(64) << 20;
 
+// The bytes of one whole step's store of one vector (an AVX2 register), and
+// the alignment store_streaming needs.
+constexpr int64_t kStreamAlignment = 32;
+
 // Whether a call of n elements that reads `inputs` tensors of scalar_t and
 // writes `grads` gradients streams them: the one rule of both kernels.
 template <typename scalar_t>
@@ -144,7 +148,7 @@ struct Io {
     }
   }
 
-  // A whole step to 16-byte-aligned memory with non-temporal stores: they
+  // A whole step to 32-byte-aligned memory with non-temporal stores: they
   // write past the caches, where a plain store first reads the line it fills
   // (moving its bytes twice). store_fence() orders them before the results
   // are handed on. Plain stores where the instruction set has none.
@@ -152,22 +156,14 @@ struct Io {
   static KF_HD void store_streaming(mem_t* p, const Pack& v) {
 #if defined(CPU_CAPABILITY_AVX2)
     if constexpr (std::is_same_v<mem_t, float>) {
-      for (int j = 0; j < kParts; ++j) {
-        const __m256 x = v[j];
-        _mm_stream_ps(p + j * 8, _mm256_castps256_ps128(x));
-        _mm_stream_ps(p + j * 8 + 4, _mm256_extractf128_ps(x, 1));
-      }
+      for (int j = 0; j < kParts; ++j) _mm256_stream_ps(p + j * 8, v[j]);
       return;
     } else if constexpr (std::is_same_v<mem_t, double>) {
-      const __m256d x = v[0];
-      _mm_stream_pd(p, _mm256_castpd256_pd128(x));
-      _mm_stream_pd(p + 2, _mm256_extractf128_pd(x, 1));
+      _mm256_stream_pd(p, v[0]);
       return;
     } else {
       static_assert(std::is_same_v<mem_t, scalar_t> && kParts == 2, "reduced-precision memory");
-      const __m256i h = at::vec::convert_from_float<scalar_t>(v[0], v[1]);
-      _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(h));
-      _mm_stream_si128(reinterpret_cast<__m128i*>(p) + 1, _mm256_extracti128_si256(h, 1));
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::convert_from_float<scalar_t>(v[0], v[1]));
       return;
     }
 #endif
@@ -215,15 +211,15 @@ inline void store_fence() {
 }
 
 // n zeros from p on; with `stream`, non-temporal stores from p's first
-// 16-byte boundary to the last one (store_fence() orders them too).
+// 32-byte boundary to the last one (store_fence() orders them too).
 template <class T>
 void store_zeros(T* p, int64_t n, bool stream) {
   int64_t i = 0;
 #if defined(CPU_CAPABILITY_AVX2)
   if (stream) {
-    while (i < n && reinterpret_cast<uintptr_t>(p + i) % 16 != 0) p[i++] = T(0);
-    constexpr int64_t kPer = 16 / sizeof(T);
-    for (; i + kPer <= n; i += kPer) _mm_stream_si128(reinterpret_cast<__m128i*>(p + i), _mm_setzero_si128());
+    while (i < n && reinterpret_cast<uintptr_t>(p + i) % kStreamAlignment != 0) p[i++] = T(0);
+    constexpr int64_t kPer = kStreamAlignment / sizeof(T);
+    for (; i + kPer <= n; i += kPer) _mm256_stream_si256(reinterpret_cast<__m256i*>(p + i), _mm256_setzero_si256());
   }
 #endif
   std::fill(p + i, p + n, T(0));
@@ -232,7 +228,7 @@ void store_zeros(T* p, int64_t n, bool stream) {
 // p may take store_streaming (nullptr: nothing to store, so it may).
 template <class T>
 bool streamable(const T* p) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+  return reinterpret_cast<uintptr_t>(p) % kStreamAlignment == 0;
 }
 
 // The unsigned integer type of the size of T (for lane masks).

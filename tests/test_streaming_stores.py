@@ -17,6 +17,7 @@ from helpers import DTYPES, rand
 
 ROOT = Path(__file__).resolve().parents[1]
 C = 52
+MAX_STEP = 16  # elements of the widest CPU step (AVX2, float16 and bfloat16)
 
 
 def header_constant(name: str) -> int:
@@ -60,10 +61,12 @@ def test_windows_streamed_equal_halves(dtype):
     with reduction "sum" (gradients that do not depend on the batch size):
     the whole batch's gradients are the halves' gradients. The second half
     starts on a chunk boundary of the whole batch (chunks are whole frames,
-    kChunkElements / C of them), so both calls split their flat runs alike:
-    a run's last, partial step can give a gradient an ulp apart from the same
-    element in a whole step (seen in float32 with target's gradient, in the
-    last columns of a chunk's last frame). Padding and velocity included; T
+    kChunkElements / C of them) and on a multiple of every step width (the
+    flat runs' steps are aligned to the element index over the batch), so both
+    calls split their flat runs into the same steps: a run's partial first or
+    last step can give a gradient an ulp apart from the same element in a
+    whole step (seen in float32 with target's gradient, in the last columns
+    of a chunk's last frame). Padding and velocity included; T
     odd, so that windows start at different alignments."""
     threshold = header_constant("kStreamingStoreBytes")
     frames_per_chunk = header_constant("kChunkElements") // C
@@ -72,8 +75,10 @@ def test_windows_streamed_equal_halves(dtype):
     while frames % 2 == 0:
         frames //= 2
     multiple = 2 * (frames_per_chunk // frames)  # batches whose halves start on a chunk boundary
+    while (multiple // 2) * frames * C % MAX_STEP:  # ... and on a step boundary
+        multiple *= 2
     batch = multiple * math.ceil(1.5 * threshold / (per_frame * frames * multiple))
-    assert (batch // 2) * frames % frames_per_chunk == 0
+    assert (batch // 2) * frames % frames_per_chunk == 0 and (batch // 2) * frames * C % MAX_STEP == 0
     assert (batch // 2) * frames * per_frame < threshold < batch * frames * per_frame
     g = torch.Generator().manual_seed(6)
     pred, target, raw = (rand((batch, frames, C), dtype, generator=g) for _ in range(3))
