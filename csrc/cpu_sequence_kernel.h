@@ -432,10 +432,11 @@ FrameSums<typename Io<scalar_t>::AVec> flat_range(const FlatView<scalar_t> v, co
   OtherSums<AVec> os{sums.temporal, sums.smoothing, sums.velocity};
   // Steps start where the element index over all B * T frames is a multiple
   // of kStep (after a shorter first step), as the row kernel's flat steps do:
-  // a whole step's gradients then fill one aligned 32-byte block (where the
-  // buffers are aligned, as torch allocates them), which store_streaming
-  // writes with one instruction per vector; and which elements share a step
-  // depends on the shapes only, never on addresses or on streaming.
+  // a whole step's gradients then fill whole aligned 32-byte blocks (where
+  // the buffers are 32-byte aligned; the gradient pool's and torch's are
+  // 64-byte aligned), which store_streaming writes with one instruction per
+  // vector; and which elements share a step depends on the shapes and the
+  // valid frames only, never on addresses or on streaming.
   int64_t i = i0;
   const int64_t head = std::min(i1 - i0, ((v.first_step - i0) % kStep + kStep) % kStep);
   if (head > 0) {

@@ -17,7 +17,7 @@ from helpers import DTYPES, rand
 
 ROOT = Path(__file__).resolve().parents[1]
 C = 52
-MAX_STEP = 16  # elements of the widest CPU step (AVX2, float16 and bfloat16)
+MAX_STEP = 16  # elements of the widest step of the CPU kernels (AVX2: float16 and bfloat16)
 
 
 def header_constant(name: str) -> int:
