@@ -83,7 +83,7 @@ struct SequenceProblem {
   // final kStep columns; tail_lanes selects the lanes the earlier steps had
   // not covered, so that nothing is summed twice.
   Pack tail_lanes;
-  // The gradients are large enough for store_streaming (flat runs).
+  // The gradients are large enough for store_streaming, and aligned for it (flat runs).
   bool stream;
 };
 
@@ -445,14 +445,12 @@ FrameSums<typename Io<scalar_t>::AVec> flat_range(const FlatView<scalar_t> v, co
     o += head;
     if (o >= v.period) o -= v.period;
   }
-  const bool stream = kGrads && v.stream && streamable(v.gp ? v.gp + i : nullptr) &&
-                      streamable(v.gt ? v.gt + i : nullptr) && streamable(v.gr ? v.gr + i : nullptr);
   for (; i + kStep <= i1; i += kStep) {
-    flat_step<scalar_t, kRaw, kGrads, kNext, kTarget>(v, k, i, o, kStep, stream, ds, os);
+    flat_step<scalar_t, kRaw, kGrads, kNext, kTarget>(v, k, i, o, kStep, v.stream, ds, os);
     o += kStep;
     if (o >= v.period) o -= v.period;
   }
-  if (i < i1) flat_step<scalar_t, kRaw, kGrads, kNext, kTarget>(v, k, i, o, i1 - i, stream, ds, os);
+  if (i < i1) flat_step<scalar_t, kRaw, kGrads, kNext, kTarget>(v, k, i, o, i1 - i, false, ds, os);
   return {ds.sq, ds.abs, ds.perceptual, os.temporal, os.smoothing, os.velocity};
 }
 
@@ -689,9 +687,13 @@ void sequence_typed(SequenceArgs& a) {
   const bool flat = packed(pb.ps) && packed(pb.ts) && (!kRaw || packed(pb.rs)) && !pb.frame_scale &&
                     !pb.frame_terms && period <= kMaxFlatPeriod;
   pb.period = flat ? period : 0;
+  // Large calls stream their gradients (kStreamingStoreBytes). The flat runs'
+  // whole steps start on multiples of kStep elements of the batch
+  // (flat_range), so they are aligned where the buffers are.
   pb.stream = kGrads && flat &&
               streams_gradients<scalar_t>(N * C, kRaw ? 3 : 2,
-                                          !!pb.grad_pred + !!pb.grad_target + !!pb.grad_raw);
+                                          !!pb.grad_pred + !!pb.grad_target + !!pb.grad_raw) &&
+              streamable(pb.grad_pred) && streamable(pb.grad_target) && streamable(pb.grad_raw);
   const int64_t positions = flat ? period + kStep : 0;
 
   // Per-column tables, padded with zeros to whole steps, then the flat
