@@ -9,7 +9,8 @@ from typing import Optional
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import copy_source_tree
+
 JIT_BUILD_TEST = "test_loader.py::test_just_in_time_build_from_a_source_tree"
 _JIT_BUILD = pytest.StashKey["SourceTreeBuild"]()
 
@@ -33,9 +34,7 @@ class SourceTreeBuild:
     def __init__(self, background: bool):
         self.dir = Path(tempfile.mkdtemp(prefix="koemorph-jit-"))
         self.tree = self.dir / "src"
-        shutil.copytree(ROOT / "csrc", self.tree / "csrc")
-        shutil.copytree(ROOT / "koemorph_fused", self.tree / "koemorph_fused",
-                        ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+        copy_source_tree(self.tree)
         env = dict(os.environ, PYTHONPATH=str(self.tree), KOEMORPH_FUSED_CPU_ONLY="1")
         self._out = open(self.dir / "stdout", "w+")
         self._err = open(self.dir / "stderr", "w+")

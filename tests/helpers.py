@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -25,6 +27,17 @@ DEVICES = [
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
 ]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def copy_source_tree(tree: Path) -> None:
+    """This repository's csrc/ and koemorph_fused/ under `tree`, without any
+    built library: a source tree that has to build its own."""
+    shutil.copytree(ROOT / "csrc", tree / "csrc")
+    shutil.copytree(ROOT / "koemorph_fused", tree / "koemorph_fused",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
 
 
 def rand(shape, dtype=torch.float32, device="cpu", generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import copy_source_tree
 from koemorph_fused import _loader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,9 +87,7 @@ def test_a_source_tree_never_takes_another_trees_library(tmp_path):
     not load that other library (built from other sources); it builds its own,
     which here fails fast for want of a compiler."""
     tree = tmp_path / "src"
-    shutil.copytree(ROOT / "csrc", tree / "csrc")
-    shutil.copytree(ROOT / "koemorph_fused", tree / "koemorph_fused",
-                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    copy_source_tree(tree)
     code = f"""
 import importlib.machinery, sys
 class EditableLike:  # what setuptools' editable finder does, for another tree
