@@ -327,12 +327,17 @@ struct SequenceLossFunction : public torch::autograd::Function<SequenceLossFunct
       std::tie(g_pred, g_target, g_raw) =
           scale_saved_gradients(go, ctx->get_saved_variables(), pred.scalar_type());
     }
-    // An input whose gradient was not computed gets none (an empty (0,)
-    // tensor means "not asked for"); without raw the node has two inputs, so
-    // needs_input_grad(2) is only asked when raw's gradient exists.
+    // An input whose gradient was not computed gets none: an empty (0,)
+    // tensor means "not asked for", except for an empty input (B or T = 0),
+    // whose gradient is empty too, of its shape (zeros upstream, as the
+    // reference gives). Without raw the node has two inputs, so
+    // needs_input_grad(2) is only asked when raw exists.
     const at::Tensor* grads[] = {&g_pred, &g_target, &g_raw};
     for (int i = 0; i < 3; ++i) {
-      if (grads[i]->defined() && grads[i]->numel() != 0 && ctx->needs_input_grad(i)) out[i] = *grads[i];
+      if (state[i].isNone() || !grads[i]->defined()) continue;
+      const at::Tensor& input = state[i].toTensor();
+      const bool computed = grads[i]->numel() != 0 || grads[i]->sizes() == input.sizes();
+      if (computed && ctx->needs_input_grad(i)) out[i] = *grads[i];
     }
     return out;
   }

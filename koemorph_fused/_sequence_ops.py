@@ -149,8 +149,11 @@ class FusedSequenceLoss(torch.autograd.Function):
             grads = tuple(g.to(pred.dtype) for g in out[3:])
         else:
             grads = _scale_saved(grad_total, ctx.saved_tensors, pred.dtype)
+        # An empty (0,) gradient means "not asked for", except for an empty
+        # input (B or T = 0), whose gradient is empty too, of its shape.
         need = ctx.needs_input_grad
-        return tuple(g if n and g is not None and g.numel() else None for g, n in zip(grads, need[:3])) + (None,) * 12
+        return tuple(g if n and g is not None and (g.numel() or g.shape == x.shape) else None
+                     for g, n, x in zip(grads, need[:3], args[:3])) + (None,) * 12
 
 
 class FusedSequenceLossWithJvp(FusedSequenceLoss):

@@ -219,6 +219,10 @@ def _check_values(name: str, ok: torch.Tensor, message: str) -> None:
         torch._assert_async(ok, f"{name}: {message}")
 
 
+#: Unsigned integer dtypes wider than uint8, which torch only casts (no comparisons).
+_WIDE_UNSIGNED = tuple(getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name))
+
+
 def _check_frame_tensor(name: str, x: Any, shapes: tuple[tuple[int, ...], ...], device: torch.device,
                         *, integer: bool = False) -> torch.Tensor:
     """A (B,) or (B, T) tensor of per-window or per-frame values on pred's device."""
@@ -233,6 +237,10 @@ def _check_frame_tensor(name: str, x: Any, shapes: tuple[tuple[int, ...], ...], 
         raise TypeError(f"{name} must be an integer tensor (frames t < lengths[b] are valid), got {x.dtype}")
     if x.device != device:
         raise ValueError(f"{name} must be on the device of pred ({device}), got {x.device}")
+    if integer and x.dtype in _WIDE_UNSIGNED:
+        # torch cannot compare these dtypes: their values go on as int64 (a
+        # uint64 above 2**63 - 1 turns negative, so the range check rejects it).
+        x = x.to(torch.int64)
     return x.detach()
 
 

@@ -152,14 +152,18 @@ def sequence_loss(
     perceptual = group_mse(mouth) + group_mse(expression)
     smoothing = zero if s.raw is None else (p - frames_of(s.raw)).abs().mean(-1)
 
-    # The previous frame of every frame: frame t - 1, or prev for t = 0
-    # (zeros where there is none; such frames are not in P).
-    def previous(x: torch.Tensor, first: Optional[torch.Tensor]) -> torch.Tensor:
+    # The previous frame of every frame in `pairs`: frame t - 1, or prev for
+    # t = 0; 0 for every other frame, before any arithmetic, as for padding:
+    # a previous frame that is not paired (a file boundary, an unused prev)
+    # reaches neither a term nor a gradient.
+    def previous(x: torch.Tensor, first: Optional[torch.Tensor], pairs: torch.Tensor) -> torch.Tensor:
         head = p.new_zeros((batch, 1, cols)) if first is None else first.to(acc).unsqueeze(1)
-        return torch.cat([head, x[:, :-1]], dim=1)[:, :frames]
+        shifted = torch.cat([head, x[:, :-1]], dim=1)[:, :frames]
+        return torch.where(pairs.unsqueeze(-1), shifted, 0.0)
 
-    temporal = ((p - previous(p, s.prev).detach()) ** 2).mean(-1)
-    velocity = (((p - previous(p, s.prev)) - (t - previous(t, s.prev_target))) ** 2).mean(-1)
+    temporal = ((p - previous(p, s.prev, pairs).detach()) ** 2).mean(-1)
+    velocity = (((p - previous(p, s.prev, velocity_pairs))
+                 - (t - previous(t, s.prev_target, velocity_pairs))) ** 2).mean(-1)
 
     per_frame = torch.stack([
         torch.where(valid, mse, 0.0),

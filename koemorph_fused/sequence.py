@@ -10,6 +10,7 @@ previous window. Which frames count is said by ``lengths`` or ``mask``
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
@@ -195,7 +196,9 @@ def sequence_counts(
     [6, 6, 6, 4, 6, 4]
     """
     try:
-        batch, frames = (int(n) for n in shape)
+        if any(isinstance(n, bool) for n in shape):
+            raise TypeError
+        batch, frames = (operator.index(n) for n in shape)  # ints only: 2.5 or "2" is an error, not 2
     except (TypeError, ValueError):
         raise TypeError(f"shape must be (B, T), two ints, got {shape!r}") from None
     if batch < 0 or frames < 0:

@@ -240,8 +240,45 @@ def test_sequence_counts():
         kf.sequence_counts((3, 4), with_prev_target=True)
     with pytest.raises(ValueError, match="lengths"):
         kf.sequence_counts((3, 4), lengths=torch.tensor([5, 0, 0]))
-    with pytest.raises(TypeError, match="shape"):
-        kf.sequence_counts(3)
+    for shape in (3, (2.5, 4), ("2", 4), (True, 4), (2, 3, 4)):  # never truncated or guessed
+        with pytest.raises(TypeError, match="shape"):
+            kf.sequence_counts(shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.uint32, torch.uint64], ids=str)
+def test_unsigned_lengths(dtype):
+    """lengths of any integer dtype, including the unsigned ones torch cannot
+    compare (uint16/32/64): the same counts, terms and gradients as int64."""
+    pred, target, raw, prev, prev_target = rand_windows(3, 4, 52, torch.float64)
+    lengths = torch.tensor([4, 2, 0])
+    assert torch.equal(kf.sequence_counts((3, 4), lengths=lengths.to(dtype)), kf.sequence_counts((3, 4), lengths=lengths))
+    for loss in LOSSES:
+        want, want_grads = run_sequence(loss, pred, target, raw, prev=prev, lengths=lengths)
+        got, got_grads = run_sequence(loss, pred, target, raw, prev=prev, lengths=lengths.to(dtype))
+        assert torch.equal(got.terms, want.terms) and torch.equal(got.counts, want.counts)
+        for name in want_grads:
+            assert torch.equal(got_grads[name], want_grads[name]), name
+
+
+def test_unpaired_previous_frames_reach_no_gradient():
+    """A previous frame that is not paired (the prev of a window that starts a
+    file, the frame before a file boundary) is never read into a term, by
+    either loss: a NaN there gives no NaN gradient anywhere else. Only frame
+    (0, 0), which holds a NaN itself, gets NaN gradients of pred and target."""
+    pred, target, raw, prev, prev_target = rand_windows(2, 3, 52, torch.float64)
+    prev[1] = prev_target[1] = float("nan")      # window 1 starts a file: its prev is unused
+    pred[0, 0] = float("nan")                    # frame (0, 1) starts a file: frame (0, 0) is not its previous
+    continuity = torch.tensor([[1, 0, 1], [0, 1, 1]])
+    (fused, fused_grads), (ref, ref_grads) = (
+        run_sequence(loss, pred, target, raw, prev=prev, prev_target=prev_target, continuity=continuity,
+                     velocity_weight=0.5, reduction="none") for loss in LOSSES)
+    assert torch.equal(fused.counts, ref.counts)
+    elsewhere = torch.ones(2, 3, dtype=torch.bool)
+    elsewhere[0, 0] = False
+    for name in fused_grads:
+        torch.testing.assert_close(fused_grads[name], ref_grads[name], equal_nan=True, msg=name)
+        assert fused_grads[name][elsewhere].isfinite().all(), name
+    assert fused_grads["pred"][0, 0].isnan().all() and fused_grads["target"][0, 0].isnan().all()
 
 
 def test_as_dict():
@@ -263,6 +300,7 @@ BAD = [
     (dict(prev=torch.rand(2, 52), prev_target=torch.rand(3, 52)), ValueError, "prev_target must have the shape"),
     (dict(lengths=torch.tensor([3, 4])), ValueError, r"lengths must be in \[0, T\]"),
     (dict(lengths=torch.tensor([3, -1])), ValueError, r"lengths must be in \[0, T\]"),
+    (dict(lengths=torch.tensor([3, 2**64 - 1], dtype=torch.uint64)), ValueError, r"lengths must be in \[0, T\]"),
     (dict(lengths=torch.tensor([3.0, 1.0])), TypeError, "lengths must be an integer tensor"),
     (dict(lengths=torch.tensor([True, False])), TypeError, "lengths must be an integer tensor"),
     (dict(lengths=torch.tensor([3])), ValueError, r"lengths must have shape \(2,\)"),

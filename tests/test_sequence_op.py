@@ -477,6 +477,24 @@ def test_backward_twice_with_retain_graph(autograd_path, reduction):
         assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize("shape", [(0, 4, 52), (3, 0, 52)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_empty_windows_give_zero_gradients_upstream(shape, reduction, create_graph, autograd_path):
+    """B = 0 or T = 0: pred, target and raw get empty gradients of their own
+    shapes, so the layers that made them get zeros (as from the reference),
+    never None (an optimizer would skip them)."""
+    layers = [torch.nn.Linear(8, shape[-1], dtype=torch.float64) for _ in range(3)]
+    x = torch.rand(*shape[:2], 8, dtype=torch.float64)
+    pred, target, raw = (layer(x) for layer in layers)
+    out = kf.sequence_loss(pred, target, raw, prev=torch.rand(shape[0], shape[-1], dtype=torch.float64),
+                           velocity_weight=0.5, reduction=reduction)
+    grads = torch.autograd.grad(out.total.sum(), [layer.weight for layer in layers], create_graph=create_graph,
+                                allow_unused=True)
+    for name, g in zip(("pred", "target", "raw"), grads):
+        assert g is not None and not g.any(), name
+
+
 def test_terms_do_not_need_grad_and_total_unused(autograd_path):
     case = make_case(2, 4, 52, dtype=torch.float32, seed=24)
     pred = case["pred"].requires_grad_()
