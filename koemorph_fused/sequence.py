@@ -196,13 +196,14 @@ def sequence_counts(
     [6, 6, 6, 4, 6, 4]
     """
     try:
-        if any(isinstance(n, bool) for n in shape):
+        dims = tuple(shape)
+        if len(dims) != 2 or any(isinstance(n, bool) for n in dims):
             raise TypeError
-        batch, frames = (operator.index(n) for n in shape)  # ints only: 2.5 or "2" is an error, not 2
-    except (TypeError, ValueError):
+        batch, frames = (operator.index(n) for n in dims)  # ints only: 2.5 or "2" is an error, not 2
+    except TypeError:
         raise TypeError(f"shape must be (B, T), two ints, got {shape!r}") from None
     if batch < 0 or frames < 0:
-        raise ValueError(f"shape must be (B, T) with B, T >= 0, got {tuple(shape)}")
+        raise ValueError(f"shape must be (B, T) with B, T >= 0, got {dims}")
     if with_prev_target and not with_prev:
         raise ValueError("with_prev_target=True needs with_prev=True (prev_target is only used with prev)")
     if lengths is not None and mask is not None:
