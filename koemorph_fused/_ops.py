@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 import torch.autograd.forward_ad as _forward_ad
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._loader import load_library
 from .terms import LossOutput
@@ -355,11 +356,16 @@ def column_weights(
       a replay): one copy node from a host tensor kept for good, as the
       graph's replays read it; the device tensor lives in the graph's pool.
     """
+    acc = accumulation_dtype(dtype)
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        # A tensor of that trace or mode (e.g. a FakeTensor): never kept, and
+        # the cache is not read either (no guard on it, no real tensor in a
+        # fake computation).
+        return torch.tensor(_column_weight_values(mouth, expression, cols), dtype=acc, device=device)
     key = (mouth, expression, cols, dtype, device)
     cached = _COLUMN_WEIGHTS.get(key)
     if cached is not None:
         return cached
-    acc = accumulation_dtype(dtype)
     if _capturing(device):
         source = _CAPTURE_SOURCES.get(key)
         if source is None:
@@ -367,10 +373,10 @@ def column_weights(
         # Asynchronous: recorded as one copy node, read from `source` at each replay.
         return source.to(device, non_blocking=True)
     result = torch.tensor(_column_weight_values(mouth, expression, cols), dtype=acc, device=device)
-    # Made while tracing or inside a torch.func transform, the tensor belongs
-    # to that trace or transform level (a functorch wrapper, without storage
-    # of its own): never keep it for later calls.
-    if len(_COLUMN_WEIGHTS) < _MAX_CACHED_KEYS and not torch.compiler.is_compiling() and not _transform_active():
+    # Made inside a torch.func transform, the tensor belongs to that level (a
+    # functorch wrapper, without storage of its own); made in inference mode,
+    # it could not be saved for a later backward: never keep those.
+    if len(_COLUMN_WEIGHTS) < _MAX_CACHED_KEYS and not _transform_active() and not torch.is_inference_mode_enabled():
         _COLUMN_WEIGHTS[key] = result
     return result
 

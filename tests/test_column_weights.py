@@ -77,3 +77,49 @@ def test_the_loss_uses_the_cached_tensor(empty_cache, monkeypatch):
     monkeypatch.setattr(_ops, "fused_forward", lambda *args: seen.append(args[5]) or original(*args))
     kf.temporal_loss(pred, target)
     assert len(seen) == 1 and seen[0] is colw
+
+
+def test_a_fake_tensor_mode_neither_reads_nor_fills_the_cache(empty_cache):
+    """Under FakeTensorMode a call gets a fake tensor of its own: a real
+    cached one would mix modes, and a kept fake one would break every later
+    eager call."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    real = build((1, 2))
+    with FakeTensorMode():
+        fake = build((1, 2))
+        assert isinstance(fake, FakeTensor)
+        windows = torch.rand(2, 3, 8)
+        assert kf.sequence_loss(windows, windows, mouth_indices=(1, 2), expression_indices=(7,)).total.shape == ()
+    assert not isinstance(real, FakeTensor) and list(empty_cache.values()) == [real]
+    windows = torch.rand(2, 3, 8)
+    assert kf.sequence_loss(windows, windows, mouth_indices=(1, 2), expression_indices=(7,)).terms[0] == 0  # mse
+
+
+def test_inference_mode_keeps_nothing(empty_cache):
+    """A tensor made in inference mode could not be saved for a later
+    backward (double backward of the sequence loss saves it)."""
+    pred = torch.rand(2, 3, 52, dtype=torch.float64, requires_grad=True)
+    target = torch.rand(2, 3, 52, dtype=torch.float64)
+    with torch.inference_mode():
+        kf.sequence_loss(pred.detach(), target)
+    assert not any(t.is_inference() for t in empty_cache.values())
+    g, = torch.autograd.grad(kf.sequence_loss(pred, target).total, pred, create_graph=True)
+    g.sum().backward()
+    assert pred.grad is not None and pred.grad.isfinite().all()
+
+
+def test_eager_calls_do_not_recompile_a_compiled_caller(empty_cache):
+    """Compiled code does not read the cache, so keys added by eager calls
+    elsewhere (other dtypes, other groups) put no guard on it."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(lambda p, t: kf.temporal_loss(p, t).total, fullgraph=True, backend="eager")
+    x = torch.rand(4, 52)
+    compiled(x, x)
+    for lo in range(4):
+        kf.temporal_loss(x.double(), x.double(), mouth_indices=range(lo, lo + 3))
+        compiled(x, x)
+    assert counters["stats"]["unique_graphs"] == 1
