@@ -290,13 +290,12 @@ def check_sequence_inputs(
     if lengths is not None:
         lengths = _check_frame_tensor("lengths", lengths, ((batch,),), device, integer=True)
         if batch:
-            message = f"lengths must be in [0, T] = [0, {frames}]"
             if lengths.is_cpu and _values_readable(lengths):
                 low, high = torch.aminmax(lengths)  # one small op, read on the host
                 if int(low) < 0 or int(high) > frames:
-                    raise ValueError(message)
-            else:
-                _check_values("lengths", ((lengths >= 0) & (lengths <= frames)).all(), message)
+                    raise ValueError(f"lengths must be in [0, T] = [0, {frames}]")
+            else:  # no T in this message: formatting a traced T would fix it to one value (a recompile per T)
+                _check_values("lengths", ((lengths >= 0) & (lengths <= frames)).all(), "lengths must be in [0, T]")
     if mask is not None:
         mask = _check_frame_tensor("mask", mask, ((batch, frames),), device)
         _check_zero_one("mask", mask)

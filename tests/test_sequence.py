@@ -350,9 +350,13 @@ def test_compiles_fullgraph_with_dynamic_batch_and_frames(loss):
                    velocity_weight=0.5)
         return out.total, out.terms, out.counts
 
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     compiled = torch.compile(f, fullgraph=True, dynamic=True)
     g = torch.Generator().manual_seed(9)
-    for b, t in ((2, 5), (3, 7)):
+    for b, t in ((2, 5), (3, 7), (4, 9), (2, 12)):
         pred, target, raw, prev, prev_target = rand_windows(b, t, 52, torch.float32, g)
         lengths, continuity = torch.randint(0, t + 1, (b,), generator=g), torch.randint(0, 2, (b,), generator=g)
         p1, p2 = pred.clone().requires_grad_(), pred.clone().requires_grad_()
@@ -366,6 +370,7 @@ def test_compiles_fullgraph_with_dynamic_batch_and_frames(loss):
         # a bad length is still an error under tracing (checked on the device)
         with pytest.raises(RuntimeError, match=r"lengths must be in \[0, T\]"):
             compiled(p1, target, raw, prev, prev_target, lengths + t + 1, continuity)
+    assert counters["stats"]["unique_graphs"] == 1  # B and T stay symbolic (no value of T is baked in)
 
 
 class TinySequenceModel(torch.nn.Module):
