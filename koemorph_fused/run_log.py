@@ -97,6 +97,31 @@ def _torn_tail(text: str) -> int:
     return text.rfind("\n") + 1
 
 
+def empty_run_csv(name: PathLike) -> None:
+    """Empty the run CSV ``name`` for a new run (``demo --csv`` replaces its
+    file), under the lock a :class:`CsvLog` takes, so that a file another
+    monitor is writing is never emptied under it; nor is a file that is not a
+    run CSV. Either is a ValueError naming the file, and the file is left as it
+    is. A file that does not exist is left to the writer to create."""
+    name = os.fspath(name)
+    try:
+        f = open(name, "r+b")
+    except FileNotFoundError:
+        return
+    with f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ValueError(f"{name}: another LossMonitor is writing this run CSV (the file is locked); "
+                                 "it is not replaced: give this run its own file") from None
+        first = f.readline().decode("utf-8", errors="replace").rstrip("\r\n")
+        if not any(header.startswith(first) for header in _HEADERS):  # "" (empty) and a torn header pass
+            raise ValueError(f"{name}: exists and is not a LossMonitor run CSV; it is not replaced: "
+                             "choose another file")
+        f.truncate(0)
+
+
 class CsvLog:
     """Appends rows to a CSV file (see the module docstring for the columns
     and what the file guarantees).

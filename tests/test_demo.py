@@ -451,7 +451,6 @@ def test_cli_demo_passes_with_config_plot_and_reference_run(tmp_path, capsys):
 
 def test_cli_demo_writes_a_run_csv_that_plot_draws(tmp_path, capsys):
     run_csv = tmp_path / "run.csv"
-    run_csv.write_text("an older file, replaced\n")
     assert cli.main(TINY_ARGS + ["--csv", str(run_csv)]) == 0
     out = capsys.readouterr().out
     assert f"run CSV: {run_csv} (9 rows" in out
@@ -466,6 +465,29 @@ def test_cli_demo_writes_a_run_csv_that_plot_draws(tmp_path, capsys):
     # A second run replaces the first: one run of 9 steps again, not 18.
     assert cli.main(TINY_ARGS + ["--csv", str(run_csv)]) == 0
     assert len(read_csv(run_csv)) == 9
+
+
+def test_cli_demo_csv_replaces_only_a_run_csv_no_monitor_is_writing(capsys, tmp_path):
+    """--csv replaces an earlier run CSV, but never empties a file another
+    monitor is writing (its run would lose its rows) nor a file that is not
+    a run CSV: a one-line error, and the file is left as it was."""
+    other = tmp_path / "notes.yaml"
+    other.write_text("loss: {mse_weight: 1.0}\n")
+    held = tmp_path / "held.csv"
+    monitor = kf.LossMonitor(csv=held)
+    monitor.record(kf.temporal_loss(torch.rand(2, 52), torch.rand(2, 52)))
+    monitor.flush()
+    before = held.read_bytes()
+    try:
+        for path, message in ((other, "is not a LossMonitor run CSV"), (held, "another LossMonitor is writing")):
+            with pytest.raises(SystemExit) as exc:
+                cli.main(TINY_ARGS + ["--csv", str(path)])
+            assert exc.value.code == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and "--csv" in err and message in err, err
+        assert other.read_text() == "loss: {mse_weight: 1.0}\n" and held.read_bytes() == before
+    finally:
+        monitor.close()
 
 
 def test_cli_demo_csv_must_be_writable(capsys, tmp_path):

@@ -17,6 +17,7 @@ import torch
 from ..cli_args import CommandLineError, float_arg, int_arg, output_file, plot_file, seed_arg, thread_count
 from ..config import load_loss_weights
 from ..reference import KoeMorphTemporalLoss
+from ..run_log import empty_run_csv
 from ..schedule import TrainingSchedule
 from .data import WINDOW, make_corpus
 from ..terms import SEQUENCE_TERM_NAMES
@@ -60,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="save the term curves and the per-step error/tolerance ratios to this image")
     parser.add_argument("--csv", metavar="RUN.csv", type=output_file,
                         help="write the fused run's monitor rows (one per step: epoch, phase, stride, the five terms, "
-                             "total, flags) to this CSV, replacing it; draw it with: koemorph-fused plot RUN.csv")
+                             "total, flags) to this CSV, replacing it (an earlier run CSV only: a file another monitor "
+                             "is writing, or any other file, is an error); draw it with: koemorph-fused plot RUN.csv")
     parser.add_argument("--reference-run", action="store_true",
                         help="also train a second model on the reference loss (same seed) and show its curves next "
                              "to the fused run's (--plot) and how far they drift apart; a picture, not the verdict")
@@ -179,7 +181,10 @@ def _run(args: argparse.Namespace, base) -> int:
         return bar, on_epoch
 
     if args.csv:
-        open(args.csv, "w").close()  # a new run: the monitor would continue an existing run CSV
+        try:  # a new run: the monitor would continue an existing run CSV
+            empty_run_csv(args.csv)
+        except ValueError as e:
+            raise CommandLineError(f"--csv {e}") from None
     bar, on_epoch = progress("fused")
     if args.sequence:
         fused = sequence_run(cfg, corpus, window=window, velocity_weight=velocity_weight, on_step=bar.update,
