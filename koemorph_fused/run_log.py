@@ -156,7 +156,9 @@ class CsvLog:
         folder = os.path.dirname(os.path.abspath(name))
         try:
             os.makedirs(folder, exist_ok=True)
-            self._file = open(name, "a+b")
+            # Unbuffered: a failed write leaves nothing behind in a buffer that a
+            # later write or truncate would flush onto the file.
+            self._file = open(name, "a+b", buffering=0)
         except OSError as e:
             raise type(e)(e.errno, f"cannot open run CSV {name!r}: {e.strerror}") from e
         self._owned = True
@@ -219,8 +221,9 @@ class CsvLog:
         else:
             end = self._file.seek(0, os.SEEK_END)
             try:
-                self._file.write(text.encode("utf-8"))
-                self._file.flush()
+                data = memoryview(text.encode("utf-8"))
+                while data:  # one write, unless the system takes part of it
+                    data = data[self._file.write(data):]
             except BaseException:
                 try:  # nothing of a failed write stays: the next one starts on a whole line
                     self._file.truncate(end)

@@ -383,6 +383,36 @@ def test_a_failed_csv_write_is_cut_back_off_the_file(tmp_path, monkeypatch):
     assert [r["step"] for r in read_csv(path)] == [0, 1]
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="a file-size limit (RLIMIT_FSIZE) as Linux sets it")
+def test_a_write_the_system_cuts_short_is_cut_back_and_retried_once(tmp_path):
+    """A real partial write (a file-size limit, as a full disk): the file
+    takes part of the rows, then the write fails. Nothing of it may stay
+    behind, in the file or in a buffer that a later write would flush: the
+    retry writes each row once, and the file reads back whole."""
+    path = tmp_path / "run.csv"
+    code = f"""
+import os, resource, signal, torch, koemorph_fused as kf
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+m = kf.LossMonitor(csv={str(path)!r})
+for i in range(3): m.record(kf.temporal_loss(torch.rand(4, 52), torch.rand(4, 52)))
+m.flush()
+size = os.path.getsize({str(path)!r})
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 100, resource.RLIM_INFINITY))  # room for part of a row
+for i in range(3): m.record(kf.temporal_loss(torch.rand(4, 52), torch.rand(4, 52)))
+try:
+    m.flush()
+    raise SystemExit("the flush did not fail")
+except OSError:
+    assert os.path.getsize({str(path)!r}) == size, "the failed write was not cut back"
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+m.flush()
+m.close()
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [r["step"] for r in read_csv(path)] == list(range(6))
+
+
 def test_a_torn_last_line_is_repaired_on_append_and_skipped_on_read(tmp_path):
     path = tmp_path / "run.csv"
     with kf.LossMonitor(csv=path) as mon:
