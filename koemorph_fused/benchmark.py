@@ -1014,6 +1014,25 @@ def format_sequences(summaries: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_sequences_markdown(summaries: Sequence[dict[str, Any]]) -> str:
+    """:func:`format_sequences` as a Markdown table (``bench --sequence --markdown``)."""
+    lines = ["| threads | B | T | " + " | ".join(SEQUENCE_PROVIDERS) + " | ratios (same rounds) vs the goals |",
+             "|" + "---|" * (4 + len(SEQUENCE_PROVIDERS))]
+    for r in summaries:
+        times = " | ".join(_fmt_time(r.get(p + "_s")) for p in SEQUENCE_PROVIDERS)
+        goals = "; ".join(
+            f"{g['ratio']} {_fmt_ratio(g['value'], g['lo'], g['hi'])} ({'>=' if g['kind'] == 'min' else '<='} "
+            f"{g['goal']:g}: {'met' if g['met'] else '**NOT met**' if g['met'] is not None else '-'})"
+            for g in r["goals"])
+        lines.append(f"| {r['threads']} | {r['batch']} | {r['frames']} | {times} | {goals} |")
+    return "\n".join(lines)
+
+
+#: The options of the row cases that ``bench --sequence`` does not take
+#: (its cases are fixed: CPU, float32, fwdbwd, SEQUENCE_SHAPES, SEQUENCE_PROVIDERS).
+_ROW_ONLY_OPTIONS = ("dtype", "mode", "batch", "providers", "baselines", "csv", "plot", "quick")
+
+
 #: Largest batch the command line accepts: 2**24 rows of 52 (fwdbwd keeps about
 #: ten such tensors alive: 35 GB in float32). The default list ends at 2**20.
 MAX_BATCH = 2**24
@@ -1064,7 +1083,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sequence", action="store_true",
                    help="the (B, T, 52) window cases instead: CPU, float32, fwdbwd, lengths and velocity on, "
                         "--threads as given, (B, T) = " + ", ".join(f"({b}, {t})" for b, t in SEQUENCE_SHAPES)
-                        + "; providers " + ", ".join(SEQUENCE_PROVIDERS))
+                        + "; providers " + ", ".join(SEQUENCE_PROVIDERS) + ". Takes --threads, --min-time, --rounds, "
+                        "--wait-idle, --max-other-load, --json, --markdown and --no-progress; the other options "
+                        "are for the row cases (an error with --sequence)")
     g.add_argument("--quick", action="store_true",
                    help="a small subset for smoke tests: float32, B=4,1024, 1 thread, fused and eager, "
                         "3 rounds of >= 5 ms (explicit flags still override)")
@@ -1173,10 +1194,19 @@ def main(args: argparse.Namespace) -> int:
     if settings["device"] == "cuda" and not torch.cuda.is_available():
         raise CommandLineError("--device cuda: no CUDA device is available")
     if getattr(args, "sequence", False):
+        for name in _ROW_ONLY_OPTIONS:
+            if getattr(args, name, None) not in (None, False):
+                raise CommandLineError(f"--{name} is for the row cases; --sequence does not take it (its cases are "
+                                       "fixed: CPU, float32, forward + backward)")
+        if args.device != "cpu":
+            raise CommandLineError(f"--device {args.device}: --sequence runs on the CPU")
         summaries = run_sequences(settings, progress=not args.no_progress)
         print(f"# sequences: min_time {settings['min_time']} s, {settings['rounds']} rounds; medians over rounds, "
               "[lo-hi] the per-round ratios")
         print(format_sequences(summaries))
+        if args.markdown:
+            print()
+            print(format_sequences_markdown(summaries))
         if args.json:
             write_json(dict(machine=machine_info(), settings=settings, sequences=summaries), args.json)
         return 0

@@ -162,6 +162,32 @@ def test_bench_rejects_bad_lists():
         assert exc.value.code == 2
 
 
+@pytest.mark.parametrize("flag", [["--batch", "4"], ["--dtype", "bfloat16"], ["--mode", "fwd"],
+                                  ["--providers", "fused"], ["--baselines", "copy"], ["--csv", "x.csv"],
+                                  ["--plot", "x.png"], ["--quick"]])
+def test_bench_sequence_rejects_the_row_options(flag, capsys, tmp_path, monkeypatch):
+    """--sequence runs fixed cases: an option it would ignore is a one-line
+    error naming it, before anything runs or is written."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["bench", "--sequence", *flag])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{flag[0]} is for the row cases" in err, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_bench_sequence_markdown_table():
+    goal = dict(ratio="fused/copy", value=1.02, lo=0.95, hi=1.1, goal=1.15, kind="max", met=True)
+    row = dict(threads=2, batch=64, frames=1024, other_load_pct=1.0, goals=[goal],
+               **{f"{p}_s": 1.5e-3 for p in bm.SEQUENCE_PROVIDERS})
+    lines = bm.format_sequences_markdown([row]).splitlines()
+    assert lines[0].startswith("| threads | B | T | fused |") and lines[1].count("---") == 4 + len(bm.SEQUENCE_PROVIDERS)
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[:4] == ["2", "64", "1024", bm._fmt_time(1.5e-3)] and "fused/copy 1.02" in cells[-1] and "met" in cells[-1]
+    assert len(cells) == len(lines[0].strip("|").split("|"))
+
+
 def test_breakdown_ladder_runs(capsys):
     """bench/breakdown.py calls the operators directly: it must follow their arguments."""
     import importlib.util
