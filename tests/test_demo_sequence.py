@@ -230,6 +230,20 @@ def test_cli_demo_sequence_passes(capsys):
     assert "  velocity " in out.split("per-epoch means")[1]
 
 
+def test_cli_demo_sequence_takes_velocity_weight_from_the_config(capsys, tmp_path):
+    """--config gives the velocity weight too (0 where it has none);
+    --velocity-weight overrides it."""
+    config = tmp_path / "loss.yaml"
+    config.write_text("loss: {temporal_weight: 0.4, velocity_weight: 0.25}\n")
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("loss: {temporal_weight: 0.4}\n")
+    for extra, shown in ((["--config", str(config)], "velocity_weight 0.25"),
+                         (["--config", str(plain)], "velocity_weight 0\n"),
+                         (["--config", str(config), "--velocity-weight", "0.7"], "velocity_weight 0.7")):
+        assert cli.main(TINY_ARGS + ["--epochs", "1", "--steps-per-epoch", "1"] + extra) == 0
+        assert shown in capsys.readouterr().out, extra
+
+
 def test_cli_demo_sequence_fails_on_a_planted_bug(monkeypatch, capsys):
     monkeypatch.setattr(sequence_module, "FusedKoeMorphSequenceLoss", DoubledVelocity)
     assert cli.main(TINY_ARGS) == 1

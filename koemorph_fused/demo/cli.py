@@ -15,7 +15,7 @@ import time
 import torch
 
 from ..cli_args import CommandLineError, float_arg, int_arg, output_file, plot_file, seed_arg, thread_count
-from ..config import load_loss_weights
+from ..config import load_loss_config
 from ..reference import KoeMorphTemporalLoss
 from ..run_log import empty_run_csv
 from ..schedule import TrainingSchedule
@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="take the base loss weights from this config's loss section ('loss:', "
                              "'training.loss:' or 'model.loss:', following a Hydra defaults list); the schedule's "
                              "sparse and dense presets are rescaled term by term by config/default "
-                             "(TrainingSchedule.from_base); the perceptual groups stay the demo's")
+                             "(TrainingSchedule.from_base); the perceptual groups stay the demo's; with --sequence "
+                             "its velocity_weight too (0 where it has none) unless --velocity-weight is given")
     parser.add_argument("--plot", metavar="FILE.png", type=plot_file,
                         help="save the term curves and the per-step error/tolerance ratios to this image")
     parser.add_argument("--csv", metavar="RUN.csv", type=output_file,
@@ -122,24 +123,25 @@ def main(args: argparse.Namespace) -> int:
         for flag, given in (("--window", args.window), ("--velocity-weight", args.velocity_weight)):
             if given is not None:
                 raise CommandLineError(f"{flag} needs --sequence")
-    base = None
+    config = None
     if args.config:
         try:
-            base = load_loss_weights(args.config)
+            config = load_loss_config(args.config)
         except (OSError, ValueError, TypeError) as e:
             raise CommandLineError(f"--config {args.config}: {e}") from None
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return _run(args, base)
+        return _run(args, config)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(args: argparse.Namespace, base) -> int:
+def _run(args: argparse.Namespace, config) -> int:
     from tqdm import tqdm
 
     start = time.perf_counter()
+    base = None if config is None else config.weights
     corpus = make_corpus(args.files, seed=args.seed)
     cfg = DemoConfig(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch=args.batch,
                      hidden=args.hidden, lr=args.lr, seed=args.seed, device=args.device, dtype=args.dtype,
@@ -147,7 +149,9 @@ def _run(args: argparse.Namespace, base) -> int:
     schedule = cfg.schedule()
     total_steps = cfg.epochs * cfg.steps_per_epoch
     window = (args.window or SEQUENCE_WINDOW) if args.sequence else WINDOW
-    velocity_weight = VELOCITY_WEIGHT if args.velocity_weight is None else args.velocity_weight
+    # --velocity-weight, else the config's velocity_weight (0 where it has none), else the demo's
+    velocity_weight = (args.velocity_weight if args.velocity_weight is not None else
+                       VELOCITY_WEIGHT if config is None else config.velocity_weight)
     print(f"koemorph-fused demo{' --sequence' if args.sequence else ''}: {len(corpus)} synthetic files "
           f"({', '.join(str(f.num_frames) for f in corpus)} frames), {cfg.batch} streams x {window}-frame windows, "
           f"GRU {cfg.hidden}, {cfg.epochs} epochs x {cfg.steps_per_epoch} steps, {cfg.device} {cfg.dtype}, "
