@@ -112,15 +112,20 @@ class LossConfig(NamedTuple):
     files: tuple[str, ...]
     velocity_weight: float = 0.0
 
+    def _layout_kwargs(self) -> dict[str, Any]:
+        # The layout goes along with the resolved groups, so that data of
+        # another width is still an error (a shifted CSV), as with the names.
+        return {} if self.layout is None else {"layout": self.layout}
+
     def module_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`~koemorph_fused.FusedKoeMorphLoss` (or the reference module)."""
         return {**self.weights.to_config(), "mouth_indices": self.mouth_indices,
-                "expression_indices": self.expression_indices}
+                "expression_indices": self.expression_indices, **self._layout_kwargs()}
 
     def loss_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`~koemorph_fused.temporal_loss` (or the reference)."""
         return {"weights": self.weights, "mouth_indices": self.mouth_indices,
-                "expression_indices": self.expression_indices}
+                "expression_indices": self.expression_indices, **self._layout_kwargs()}
 
     def sequence_module_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`~koemorph_fused.FusedKoeMorphSequenceLoss`

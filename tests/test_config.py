@@ -154,6 +154,14 @@ def test_model_loss_with_named_groups():
                        expected.total)
     fused = kf.FusedKoeMorphLoss(**cfg.module_kwargs())(pred, target, prev, raw)
     torch.testing.assert_close(fused, expected.total, rtol=1e-12, atol=0)
+    # The layout comes along: data of another width is an error, as with the names themselves.
+    wide = torch.rand(4, 61, dtype=torch.float64)
+    for loss in (kf.FusedKoeMorphLoss(**cfg.module_kwargs()), kf.reference.KoeMorphTemporalLoss(**cfg.module_kwargs()),
+                 lambda p, t: kf.temporal_loss(p, t, **cfg.loss_kwargs()),
+                 kf.FusedKoeMorphSequenceLoss(**cfg.sequence_module_kwargs())):
+        x = wide.unsqueeze(0) if isinstance(loss, kf.FusedKoeMorphSequenceLoss) else wide
+        with pytest.raises(ValueError, match="names 52 columns, but the data has C = 61"):
+            loss(x, x)
 
 
 def test_seed_loss_with_numbered_groups():
