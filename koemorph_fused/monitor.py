@@ -37,7 +37,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .run_log import FLAGS, SEQUENCE_TERM_NAMES, CsvLog, TensorBoardLog
-from .terms import TERM_NAMES, LossOutput
+from .terms import TERM_NAMES, LossOutput, SequenceLossOutput
 
 #: Decay of the moving average of the temporal term that ``"temporal_jump"`` compares against.
 TEMPORAL_BASELINE_DECAY = 0.9
@@ -54,10 +54,14 @@ def _as_loss_output(out: Any, total: Optional[torch.Tensor]) -> LossOutput:
         out = LossOutput(total, terms)
     elif total is not None:
         raise TypeError("total= is only for recording a loss module; a LossOutput carries its own total")
+    if isinstance(out, SequenceLossOutput):  # (total, terms, counts): the counts are not a column
+        if out.total.numel() != 1:
+            raise ValueError("a SequenceLossOutput of reduction='none' holds per-frame values; record a reduced one")
+        out = (out.total, out.terms)
     if not (isinstance(out, tuple) and len(out) == 2):
         raise TypeError(
-            "out must be a koemorph_fused.LossOutput, a (total, terms) pair or a loss module with "
-            f"total=, got {type(out).__name__}"
+            "out must be a koemorph_fused.LossOutput or SequenceLossOutput, a (total, terms) pair or a loss "
+            f"module with total=, got {type(out).__name__}"
         )
     total, terms = out
     if not isinstance(total, torch.Tensor) or total.numel() != 1:
@@ -199,7 +203,8 @@ class LossMonitor:
         """Keep one step's loss, without synchronising.
 
         Args:
-            out: a :class:`~koemorph_fused.LossOutput` (or a ``(total, terms)``
+            out: a :class:`~koemorph_fused.LossOutput` or a reduced
+                :class:`~koemorph_fused.SequenceLossOutput` (or a ``(total, terms)``
                 pair), or a loss module (:class:`~koemorph_fused.FusedKoeMorphLoss`
                 or the reference) whose ``last_terms`` are recorded with ``total=``,
                 the tensor its last call returned.

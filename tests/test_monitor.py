@@ -191,3 +191,16 @@ def test_bad_record_arguments(kwargs, exc, word):
 def test_bad_monitor_arguments(kwargs, exc):
     with pytest.raises(exc):
         kf.LossMonitor(**kwargs)
+
+
+def test_records_a_sequence_loss_output():
+    """kf.sequence_loss's own result is recorded as it is (its counts are not
+    a column); a per-frame result ("none") is an error."""
+    pred, target = torch.rand(2, 4, 52), torch.rand(2, 4, 52)
+    out = kf.sequence_loss(pred, target, velocity_weight=0.5)
+    mon = kf.LossMonitor()
+    mon.record(out)
+    (row,) = mon.flush()
+    assert row["velocity"] == pytest.approx(out.terms[5].item()) and row["total"] == pytest.approx(out.total.item())
+    with pytest.raises(ValueError, match="reduction='none'"):
+        mon.record(kf.sequence_loss(pred, target, reduction="none"))
