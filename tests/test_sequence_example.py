@@ -83,6 +83,21 @@ def test_the_check_catches_a_wrong_fused_loss(example, monkeypatch, capsys):
     assert "FAIL" in out and "FAILED" in out.splitlines()[-1]
 
 
+def test_a_nan_check_is_no_pass(example, monkeypatch, capsys):
+    """Diverged values (NaN) compare as NaN: a FAIL, not "0 of the tolerance"."""
+    monkeypatch.setattr(example, "check_against_reference", lambda *args, **kwargs: float("nan"))
+    assert example.main(SMALL + ["--steps", "2", "--check-every", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "worst nan" in out.splitlines()[-1] and "2 FAILED" in out.splitlines()[-1]
+
+
+@pytest.mark.parametrize("bad", [["--threads", "100000"], ["--lr", "inf"], ["--velocity-weight", "nan"]])
+def test_bad_options_are_usage_errors(example, bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        example.main(SMALL + bad)
+    assert exc.value.code == 2 and bad[0] in capsys.readouterr().err
+
+
 def test_help_runs_as_a_script():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, str(EXAMPLE), "--help"], capture_output=True, text=True, env=env,
