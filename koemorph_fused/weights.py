@@ -25,7 +25,9 @@ def _check_weight(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"loss weight {name!r} must be a real number, got {type(value).__name__} {value!r}")
     value = float(value)
-    if not math.isfinite(value) or value < 0.0:
+    # Comparisons, not math.isfinite: under torch.compile a float argument is
+    # symbolic, and math.isfinite of it breaks the graph (NaN fails both).
+    if not 0.0 <= value < math.inf:
         raise ValueError(f"loss weight {name!r} must be finite and >= 0, got {value!r}")
     return value
 

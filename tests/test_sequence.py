@@ -373,6 +373,25 @@ def test_compiles_fullgraph_with_dynamic_batch_and_frames(loss):
     assert counters["stats"]["unique_graphs"] == 1  # B and T stay symbolic (no value of T is baked in)
 
 
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_weights_as_float_arguments_of_a_compiled_function(dynamic):
+    """A weight passed to a compiled function as a Python float (symbolic
+    under dynamic shapes) is checked without breaking the graph, for the
+    sequence and the row loss, and each value gives eager's result."""
+    pred, target, raw, prev, prev_target = rand_windows(2, 4, 52, torch.float64)
+
+    def f(p, t, w):
+        seq = kf.sequence_loss(p, t, velocity_weight=w, weights={"temporal_weight": w}).total
+        return seq + kf.temporal_loss(p[:, -1], t[:, -1], weights=kf.LossWeights(temporal=w)).total
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, dynamic=dynamic, backend="eager")
+    for w in (0.1, 0.2, 0.3):
+        torch.testing.assert_close(compiled(pred, target, w), f(pred, target, w))
+    assert kf.sequence_loss(pred, target).total.isfinite()  # the default 0.0 too (it had broken the graph)
+    torch.compile(lambda p, t: kf.sequence_loss(p, t).total, fullgraph=True, dynamic=True, backend="eager")(pred, target)
+
+
 class TinySequenceModel(torch.nn.Module):
     """A linear layer per frame and the fused sequence loss, for export and compile."""
 
