@@ -70,7 +70,10 @@ def build_parser() -> CommandLineParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the
     exit status. A usage error raises ``SystemExit(2)`` after printing its one line."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the subcommand's parser: "demo: unrecognized arguments ... (see ... demo --help)"
+        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(importlib.import_module(args._module).main(args) or 0)
     except CommandLineError as e:

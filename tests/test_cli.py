@@ -156,6 +156,11 @@ def test_no_subcommand_and_unknown_ones(capsys):
     assert "argument COMMAND:" in usage_error(["train"], capsys)
     assert "--bogus" in usage_error(["info", "--bogus"], capsys)
     assert "--bogus" in usage_error(["check", "--quick", "--bogus"], capsys)
+    # An option the subcommand does not know is named as that subcommand's error, with its --help.
+    for command in ("demo", "bench", "info"):
+        line = usage_error([command, "--bogus"], capsys)
+        assert line == (f"koemorph-fused: error: {command}: unrecognized arguments: --bogus "
+                        f"(see koemorph-fused {command} --help)"), line
 
 
 def test_the_installed_entry_point_prints_one_line():
