@@ -135,6 +135,11 @@ def test_demo_other_arguments(argv, capsys):
     assert f"demo: argument {argv[0]}:" in usage_error(["demo"] + argv, capsys)
 
 
+def test_demo_csv_and_plot_must_differ(capsys, tmp_path):
+    line = usage_error(["demo", "--csv", str(tmp_path / "run.png"), "--plot", str(tmp_path / "run.png")], capsys)
+    assert "--csv and --plot are the same file" in line
+
+
 def test_demo_config_problems(capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("loss:\n  mse_weight: -1\n")

@@ -10,6 +10,7 @@ line; see :mod:`koemorph_fused.cli`).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -123,6 +124,8 @@ def main(args: argparse.Namespace) -> int:
         for flag, given in (("--window", args.window), ("--velocity-weight", args.velocity_weight)):
             if given is not None:
                 raise CommandLineError(f"{flag} needs --sequence")
+    if args.csv and args.plot and os.path.abspath(args.csv) == os.path.abspath(args.plot):
+        raise CommandLineError(f"--csv and --plot are the same file ({args.csv}): the plot would overwrite the run CSV")
     config = None
     if args.config:
         try:
