@@ -264,6 +264,7 @@ def _check_folder(root: str, primary: str) -> None:
     (bounded: :data:`LIMITS` ``files`` and ``entries``), before Hydra reads any."""
     entries = files = 0
     folders = [root]
+    seen = {os.path.realpath(root)}  # symlinked folders are followed (Hydra reads them), each folder once
     while folders:
         folder = folders.pop()
         try:
@@ -278,8 +279,11 @@ def _check_folder(root: str, primary: str) -> None:
                                   "folder of their own")
             if entry.name.startswith("."):
                 continue
-            if entry.is_dir(follow_symlinks=False):
-                folders.append(entry.path)
+            if entry.is_dir():
+                real = os.path.realpath(entry.path)
+                if real not in seen:
+                    seen.add(real)
+                    folders.append(entry.path)
             elif entry.name.endswith(".yaml") and entry.path != primary:
                 files += 1
                 if files > LIMITS["files"]:
@@ -290,6 +294,32 @@ def _check_folder(root: str, primary: str) -> None:
                     _check_structure(entry.path, text, strict=False)
                 else:
                     _flow_depth(entry.path, text)
+
+
+def _outside_folders(path: str, root: str) -> list[str]:
+    """The folders outside ``root`` that Hydra also reads for the primary
+    config ``path``: its ``hydra.searchpath`` ``file://`` entries and the
+    folders that ``defaults`` entries with ``..`` climb to (a whole folder is
+    checked, as for ``root``: bounded, never a hang)."""
+    import yaml
+
+    data = yaml.safe_load(_read_text(path))  # the primary passed _check_structure
+    if not isinstance(data, dict):
+        return []
+    folders = []
+    hydra = data.get("hydra")
+    search = hydra.get("searchpath") if isinstance(hydra, dict) else None
+    for entry in search if isinstance(search, list) else []:
+        if isinstance(entry, str) and entry.startswith("file://"):
+            folders.append(os.path.abspath(entry[len("file://"):]))
+    defaults = data.get("defaults")
+    for entry in defaults if isinstance(defaults, list) else []:
+        names = [entry] if isinstance(entry, str) else list(entry) if isinstance(entry, dict) else []
+        for name in names:
+            name = str(name).split("@")[0].split(":")[-1].strip()  # "optional x", "override ../g", "g@pkg"
+            if ".." in name.split("/"):
+                folders.append(os.path.normpath(os.path.join(root, os.path.dirname(name.split()[-1]) or ".")))
+    return folders
 
 
 def _load_file(name: str) -> tuple[Any, tuple[str, ...]]:
@@ -329,6 +359,8 @@ def _compose_with_hydra(name: str) -> tuple[Any, tuple[str, ...]]:
         raise ConfigError(f"{name}: has a Hydra defaults: list, but Hydra composes only .yaml files; "
                           f"rename it to {config_name}.yaml")
     _check_folder(root, path)
+    for folder in _outside_folders(path, root):
+        _check_folder(folder, path)
     # Inside a running Hydra app (@hydra.main) Hydra is already initialized:
     # set its state aside for this composition and put it back afterwards.
     backup = get_gh_backup()

@@ -461,6 +461,30 @@ def test_alias_bomb_in_a_group_file_is_refused_before_hydra_reads_it(tmp_path):
     assert "nodes" in _one_line_config_error(main, culprit=tmp_path / "training" / "t.yaml")
 
 
+@pytest.mark.parametrize("route", ["symlinked group folder", "hydra.searchpath", "defaults entry with .."])
+def test_alias_bomb_outside_the_config_folder_is_refused_before_hydra_reads_it(tmp_path, route):
+    """Hydra also reads a group folder that is a symlink, the folders of
+    hydra.searchpath and those a '..' defaults entry climbs to: those files
+    are checked too (each was a hang)."""
+    bomb = "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9) if i else 'x'}]\n" for i in range(9))
+    outside = tmp_path / "outside"
+    if route == "symlinked group folder":
+        _tree(outside, {"t.yaml": bomb})
+        main = _tree(tmp_path / "conf", {"main.yaml": "defaults:\n  - training: t\n  - _self_\n"})
+        (tmp_path / "conf" / "training").symlink_to(outside, target_is_directory=True)
+        culprit = tmp_path / "conf" / "training" / "t.yaml"
+    elif route == "hydra.searchpath":
+        _tree(outside, {"training/t.yaml": bomb})
+        main = _tree(tmp_path / "conf", {"main.yaml": "defaults:\n  - training: t\n  - _self_\n"
+                                                      f"hydra:\n  searchpath:\n    - file://{outside}\n"})
+        culprit = outside / "training" / "t.yaml"
+    else:
+        _tree(tmp_path, {"t.yaml": bomb})
+        main = _tree(tmp_path / "conf", {"main.yaml": "defaults:\n  - ../t\n  - _self_\n"})
+        culprit = tmp_path / "t.yaml"
+    assert "nodes" in _one_line_config_error(main, culprit=culprit)
+
+
 @pytest.mark.parametrize("text", [
     "loss: " + "[" * 3000 + "]" * 3000 + "\n",
     "loss: " + "[" * 30000 + "]" * 30000 + "\n",
