@@ -267,6 +267,10 @@ def read_csv(path: PathLike) -> list[dict[str, Any]]:
     torn = _torn_tail(text) > 0
     rows: list[dict[str, Any]] = []
     for number, cells in enumerate(lines, start=first):
+        if torn and number == first + len(lines) - 1:  # whole rows end with a newline: never read a cut one,
+            warnings.warn(f"{name}:{number}: the last line is cut short (the run stopped while writing it?); "
+                          "skipped", RuntimeWarning, stacklevel=2)  # even where its cells parse (flags cut)
+            break
         if not cells:
             continue
         try:
@@ -283,10 +287,6 @@ def read_csv(path: PathLike) -> list[dict[str, Any]]:
             for key in (*terms, "total"):
                 row[key] = float(raw[key])
         except (ValueError, KeyError) as e:
-            if torn and number == first + len(lines) - 1:
-                warnings.warn(f"{name}:{number}: the last line is cut short (the run stopped while writing it?); "
-                              "skipped", RuntimeWarning, stacklevel=2)
-                break
             if isinstance(e, ValueError) and str(e).startswith("expected"):
                 raise ValueError(f"{name}:{number}: {e}") from None
             raise ValueError(f"{name}:{number}: malformed cell ({e})") from None

@@ -413,6 +413,20 @@ m.close()
     assert [r["step"] for r in read_csv(path)] == list(range(6))
 
 
+def test_a_last_line_cut_inside_its_flags_is_skipped_on_read(tmp_path):
+    """Cut inside the flags cell, the last line still parses: read_csv skips
+    it all the same (as the appender removes it), never reading a shortened flag."""
+    path = tmp_path / "run.csv"
+    with kf.LossMonitor(csv=path, divergence_threshold=1e-9) as mon:  # every step flagged
+        for _ in range(2):
+            mon.record(_loss())
+    text = path.read_text()
+    assert text.endswith("divergence\n")
+    path.write_text(text[:-5])  # "...,diverg"
+    with pytest.warns(RuntimeWarning, match=r"run\.csv:3: the last line is cut short"):
+        assert [r["step"] for r in read_csv(path)] == [0]
+
+
 def test_a_torn_last_line_is_repaired_on_append_and_skipped_on_read(tmp_path):
     path = tmp_path / "run.csv"
     with kf.LossMonitor(csv=path) as mon:
