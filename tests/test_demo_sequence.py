@@ -228,6 +228,8 @@ def test_cli_demo_sequence_passes(capsys):
     for name in SEQUENCE_QUANTITIES:
         assert f"\n  {name} " in out
     assert "  velocity " in out.split("per-epoch means")[1]
+    # No monitor flags these rows: no flags column that could only ever say "-".
+    assert "flags" not in out.split("per-epoch means")[1].splitlines()[1]
 
 
 def test_cli_demo_sequence_takes_velocity_weight_from_the_config(capsys, tmp_path):

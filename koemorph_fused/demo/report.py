@@ -59,14 +59,14 @@ def chaos_summary(fused: RunResult, reference: RunResult) -> str:
 
 
 def epoch_table(rows: list[dict[str, Any]], schedule: TrainingSchedule,
-                term_names: tuple[str, ...] = TERM_NAMES) -> str:
+                term_names: tuple[str, ...] = TERM_NAMES, flags: bool = True) -> str:
     """One line per epoch: phase, stride (the rows'), the temporal/smoothing
     weights, the means of the terms (``term_names``) and the total over the
-    epoch's steps, the number of steps with a file transition and the flags
-    raised (with counts)."""
+    epoch's steps, the number of steps with a file transition and, with
+    ``flags`` (rows a LossMonitor flagged), the flags raised (with counts)."""
     head = (f"{'epoch':>5} {'phase':<5} {'stride':>6} {'w_temp':>6} {'w_smth':>6} "
             + " ".join(f"{name[:10]:>10}" for name in term_names)
-            + f" {'total':>10} {'trans':>5}  flags")
+            + f" {'total':>10} {'trans':>5}" + ("  flags" if flags else ""))
     lines = [head, "-" * len(head)]
     by_epoch: dict[int, list[dict[str, Any]]] = {}
     for row in rows:
@@ -79,7 +79,8 @@ def epoch_table(rows: list[dict[str, Any]], schedule: TrainingSchedule,
         lines.append(
             f"{epoch:>5} {phase.name:<5} {group[0]['stride']:>6} {phase.weights.temporal:>6.3f} "
             f"{phase.weights.smoothing:>6.3f} " + " ".join(f"{m:>10.5f}" for m in means[:-1])
-            + f" {means[-1]:>10.5f} {sum(r['file_transition'] for r in group):>5}  {flag_text}"
+            + f" {means[-1]:>10.5f} {sum(r['file_transition'] for r in group):>5}"
+            + (f"  {flag_text}" if flags else "")
         )
     return "\n".join(lines)
 
