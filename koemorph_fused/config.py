@@ -316,9 +316,10 @@ def _outside_folders(path: str, root: str) -> list[str]:
     for entry in defaults if isinstance(defaults, list) else []:
         names = [entry] if isinstance(entry, str) else list(entry) if isinstance(entry, dict) else []
         for name in names:
-            name = str(name).split("@")[0].split(":")[-1].strip()  # "optional x", "override ../g", "g@pkg"
-            if ".." in name.split("/"):
-                folders.append(os.path.normpath(os.path.join(root, os.path.dirname(name.split()[-1]) or ".")))
+            words = str(name).split("@")[0].split()  # "g", "optional g", "override ../g", "g@pkg"
+            group = words[-1] if words else ""
+            if ".." in group.split("/"):
+                folders.append(os.path.normpath(os.path.join(root, os.path.dirname(group) or ".")))
     return folders
 
 

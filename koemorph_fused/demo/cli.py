@@ -241,7 +241,8 @@ def _sequence_report(fused, cfg: DemoConfig, schedule: TrainingSchedule, start: 
     """What ``demo --sequence`` prints after training; returns the exit status."""
     verdict = fused.verdict
     print()
-    print("per-epoch means (stride = frames per window; trans = steps where a window continued nothing: a file start, or step 0)")
+    print("per-epoch means (stride = frames per window; trans = steps where a window continued nothing: "
+          "a file start, or step 0)")
     print(epoch_table(fused.rows, schedule, SEQUENCE_TERM_NAMES, flags=False))  # no monitor flags these rows
     print()
     print("fused vs reference at every step, on the same model outputs "
