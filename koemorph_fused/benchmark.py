@@ -1000,15 +1000,19 @@ def run_sequences(settings: dict[str, Any], progress: bool = True) -> list[dict[
     return summaries
 
 
+def _goal_text(g: dict[str, Any], not_met: str = "NOT met") -> str:
+    """One goal of a sequence case: ``fused/copy 1.02 [lo-hi] (<= 1.15: met)``."""
+    verdict = "met" if g["met"] else not_met if g["met"] is not None else "-"
+    return (f"{g['ratio']} {_fmt_ratio(g['value'], g['lo'], g['hi'])} "
+            f"({'>=' if g['kind'] == 'min' else '<='} {g['goal']:g}: {verdict})")
+
+
 def format_sequences(summaries: Sequence[dict[str, Any]]) -> str:
     lines = ["thr  B    T     " + "  ".join(f"{p:>12}" for p in SEQUENCE_PROVIDERS)
              + "  ratios (same rounds) vs the goals (set for 2 threads)  others' load"]
     for r in summaries:
         times = "  ".join(f"{_fmt_time(r.get(p + '_s')):>12}" for p in SEQUENCE_PROVIDERS)
-        goals = "; ".join(
-            f"{g['ratio']} {_fmt_ratio(g['value'], g['lo'], g['hi'])} ({'>=' if g['kind'] == 'min' else '<='} "
-            f"{g['goal']:g}: {'met' if g['met'] else 'NOT met' if g['met'] is not None else '-'})"
-            for g in r["goals"])
+        goals = "; ".join(_goal_text(g) for g in r["goals"])
         lines.append(f"{r['threads']:<4} {r['batch']:<4} {r['frames']:<5} {times}  {goals}  "
                      f"{_fmt(r['other_load_pct'], '.0f')}%")
     return "\n".join(lines)
@@ -1020,10 +1024,7 @@ def format_sequences_markdown(summaries: Sequence[dict[str, Any]]) -> str:
              "|" + "---|" * (4 + len(SEQUENCE_PROVIDERS))]
     for r in summaries:
         times = " | ".join(_fmt_time(r.get(p + "_s")) for p in SEQUENCE_PROVIDERS)
-        goals = "; ".join(
-            f"{g['ratio']} {_fmt_ratio(g['value'], g['lo'], g['hi'])} ({'>=' if g['kind'] == 'min' else '<='} "
-            f"{g['goal']:g}: {'met' if g['met'] else '**NOT met**' if g['met'] is not None else '-'})"
-            for g in r["goals"])
+        goals = "; ".join(_goal_text(g, not_met="**NOT met**") for g in r["goals"])
         lines.append(f"| {r['threads']} | {r['batch']} | {r['frames']} | {times} | {goals} |")
     return "\n".join(lines)
 

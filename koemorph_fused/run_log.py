@@ -97,6 +97,19 @@ def _torn_tail(text: str) -> int:
     return text.rfind("\n") + 1
 
 
+def _lock(f: Any, name: str) -> None:
+    """Take the run CSV's writer lock on the open file ``f`` (released when
+    it closes); held by another writer, a ValueError naming the file."""
+    if fcntl is None:
+        return
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ValueError(f"{name}: another LossMonitor is writing this run CSV (the file is locked); "
+                         "two writers would interleave their steps: give each run its own file, "
+                         "or close the other monitor first") from None
+
+
 def empty_run_csv(name: PathLike) -> None:
     """Empty the run CSV ``name`` for a new run (``demo --csv`` replaces its
     file), under the lock a :class:`CsvLog` takes, so that a file another
@@ -109,12 +122,7 @@ def empty_run_csv(name: PathLike) -> None:
     except FileNotFoundError:
         return
     with f:
-        if fcntl is not None:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ValueError(f"{name}: another LossMonitor is writing this run CSV (the file is locked); "
-                                 "it is not replaced: give this run its own file") from None
+        _lock(f, name)
         first = f.readline().decode("utf-8", errors="replace").rstrip("\r\n")
         if not any(header.startswith(first) for header in _HEADERS):  # "" (empty) and a torn header pass
             raise ValueError(f"{name}: exists and is not a LossMonitor run CSV; it is not replaced: "
@@ -163,13 +171,7 @@ class CsvLog:
             raise type(e)(e.errno, f"cannot open run CSV {name!r}: {e.strerror}") from e
         self._owned = True
         try:
-            if fcntl is not None:
-                try:
-                    fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise ValueError(f"{name}: another LossMonitor is writing this run CSV (the file is locked); "
-                                     "two writers would interleave their steps: give each run its own file, "
-                                     "or close the other monitor first") from None
+            _lock(self._file, name)
             self._file.seek(0)
             data = self._file.read()
             try:
