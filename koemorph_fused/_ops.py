@@ -406,6 +406,35 @@ def _transform_active() -> bool:
     return _forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def wanted_gradients(pred, target, raw) -> tuple[bool, bool, bool]:
+    """The gradients of pred, target and raw the kernel computes: under a
+    torch.func transform every one (tangents and transformed tensors need not
+    require grad), otherwise those of inputs that require grad, in grad mode.
+
+    A transform traced by ``torch.compile`` breaks the graph here. Dynamo
+    reads the transform's inputs as not requiring grad (a torch bug, seen in
+    2.14), inlines the Function's forward and drops its backward; our
+    operators return their gradients rather than being differentiable, so the
+    derivatives would be zero, silently. At the break torch runs the whole
+    transform eagerly, where it is right; with ``fullgraph=True`` the break is
+    an error that says why. (Dynamo tells that some transform is active, not
+    which: a compiled ``vmap`` breaks too.)"""
+    if torch.compiler.is_compiling():
+        # `is not None` is no test here: dynamo wraps even a None result.
+        if not isinstance(torch._C._functorch.peek_interpreter_stack(), type(None)):
+            torch._dynamo.graph_break(
+                "koemorph_fused: a torch.func transform of a fused loss cannot be compiled (inside a transform, "
+                "torch.compile drops a custom autograd.Function's backward, and the derivatives would be zero); "
+                "it runs eagerly at this graph break. Apply the transform outside torch.compile, or compile the "
+                "loss alone")
+    elif _transform_active():
+        check_forward_mode_not_nested()
+        return (True, True, raw is not None)
+    grad = torch.is_grad_enabled()
+    return (grad and pred.requires_grad, grad and target.requires_grad,
+            grad and raw is not None and raw.requires_grad)
+
+
 def check_forward_mode_not_nested() -> None:
     """Raise where two forward-mode levels are active (``jvp`` or ``jacfwd``
     inside ``jvp`` or ``jacfwd``): torch does not differentiate an
@@ -428,15 +457,7 @@ def check_forward_mode_not_nested() -> None:
 
 def python_fused_forward(pred, target, prev, raw, mask, colw, weights) -> LossOutput:
     """:func:`fused_forward` with the Python autograd Function."""
-    if not torch.compiler.is_compiling() and _transform_active():
-        check_forward_mode_not_nested()
-        # Tangents and transformed tensors need not require grad: compute
-        # every gradient, for jvp and for the transforms' backward.
-        want = (True, True, raw is not None)
-    else:
-        grad = torch.is_grad_enabled()
-        want = (grad and pred.requires_grad, grad and target.requires_grad,
-                grad and raw is not None and raw.requires_grad)
+    want = wanted_gradients(pred, target, raw)
     if any(want):
         function = FusedTemporalLoss if torch.compiler.is_compiling() else FusedTemporalLossWithJvp
         total, terms, *_ = function.apply(pred, target, prev, raw, mask, colw, weights, *want)

@@ -34,8 +34,8 @@ from typing import Optional
 import torch
 
 from ._ops import (
-    _can_hand_over, _torch_scale_in_place, _transform_active, accumulation_dtype, check_forward_mode_not_nested,
-    check_unchanged, gradient_storage_dtype, input_versions, library, scale_op,
+    _can_hand_over, _torch_scale_in_place, _transform_active, accumulation_dtype,
+    check_unchanged, gradient_storage_dtype, input_versions, library, scale_op, wanted_gradients,
 )
 from ._validation import REDUCTIONS
 from .sequence import frame_sets
@@ -287,13 +287,7 @@ def fused_sequence_forward(
                                   column_weights, weights, counts, code)
         if out is not NotImplemented:
             return out
-    if not torch.compiler.is_compiling() and _transform_active():
-        check_forward_mode_not_nested()
-        want = (True, True, raw is not None)  # tangents and transformed tensors need not require grad
-    else:
-        grad = torch.is_grad_enabled()
-        want = (grad and pred.requires_grad, grad and target.requires_grad,
-                grad and raw is not None and raw.requires_grad)
+    want = wanted_gradients(pred, target, raw)
     if any(want):
         function = FusedSequenceLoss if torch.compiler.is_compiling() else FusedSequenceLossWithJvp
         total, terms, this_counts, *_ = function.apply(

@@ -174,3 +174,48 @@ def test_nested_forward_mode_raises(loss, nesting):
               "jacfwd(jvp)": lambda: jacfwd(inner_jvp)(pred)}[nesting]
     with pytest.raises(NotImplementedError, match="forward-mode AD nested in forward-mode AD"):
         nested()
+
+
+_COMPILED_TRANSFORMS = {
+    "grad": lambda f, p, t: grad(f, argnums=(0, 1))(p, t),
+    "jvp": lambda f, p, t: jvp(f, (p, t), (torch.ones_like(p), -torch.ones_like(t)))[1],
+    "jacrev": lambda f, p, t: jacrev(f, argnums=1)(p, t),
+    # pred computed inside the transform: dynamo sees that it requires grad,
+    # but not that target (an input) does.
+    "grad of 2 * pred": lambda f, p, t: grad(lambda a, b: f(2 * a, b), argnums=(0, 1))(p, t),
+    "vmap(grad)": lambda f, p, t: vmap(grad(lambda a, b: f(a[None], b[None])))(p, t),
+}
+
+
+@pytest.mark.parametrize("loss", ["rows", "windows"])
+@pytest.mark.parametrize("transform", list(_COMPILED_TRANSFORMS))
+def test_compiled_transform_gives_the_reference_derivatives(loss, transform):
+    """torch.compile drops an autograd.Function's backward inside a torch.func
+    transform (a torch bug): compiled, both losses gave zero derivatives (or
+    raised, for vmap(grad)). They now break the graph there, so the transform
+    runs eagerly, and fullgraph=True raises and says why."""
+    g = torch.Generator().manual_seed(3)
+    shape = (3, 52) if loss == "rows" else (3, 4, 52)
+    pred, target = (torch.rand(shape, dtype=torch.float64, generator=g) for _ in range(2))
+    if loss == "rows":
+        def fused(p, t):
+            return kf.temporal_loss(p, t).total
+
+        def ref(p, t):
+            return kf.reference.temporal_loss(p, t).total
+    else:
+        def fused(p, t):
+            return kf.sequence_loss(p, t, velocity_weight=0.5).total
+
+        def ref(p, t):
+            return kf.reference.sequence_loss(p, t, velocity_weight=0.5).total
+    run = _COMPILED_TRANSFORMS[transform]
+    torch._dynamo.reset()
+    got = torch.compile(lambda p, t: run(fused, p, t), backend="aot_eager")(pred, target)
+    want = run(ref, pred, target)
+    for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+        assert b.abs().sum() > 0
+        torch.testing.assert_close(a, b)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="transform of a fused loss cannot be compiled"):
+        torch.compile(lambda p, t: run(fused, p, t), backend="aot_eager", fullgraph=True)(pred, target)
