@@ -14,14 +14,16 @@ sits in ``training/default.yaml`` with a ``_target_:`` naming the loss class,
 and the main ``dual_stream_config.yaml`` only pulls it in through its
 ``defaults:`` list. A config is read as the user's training run reads it:
 
-* a file with a ``defaults:`` list is composed by Hydra itself
+* a file with a ``defaults:`` list, a ``hydra:`` section or a
+  ``# @package`` header is composed by Hydra itself
   (``hydra.initialize_config_dir`` on the file's folder, then
   ``hydra.compose``): entries, ``override``, ``optional``, ``_self_``,
   ``@package`` and a leading ``/`` (the config folder, never the filesystem
   root) mean what they mean to Hydra, and whatever Hydra rejects (a missing
-  entry, a config that includes itself) is a :class:`ConfigError`. This
+  entry, a config that includes itself, a key Hydra's ``hydra:`` schema
+  does not have) is a :class:`ConfigError`. This
   needs ``hydra-core`` (``pip install 'koemorph_fused[config]'``);
-* a file without one is read by OmegaConf's loader (``2e-1`` is a float,
+* any other file is read by OmegaConf's loader (``2e-1`` is a float,
   a duplicate key is an error) or, without ``omegaconf``, by PyYAML;
 * ``${...}`` interpolations in the loss section are resolved by OmegaConf.
 
@@ -81,6 +83,11 @@ _NOT_FLOW = re.compile(r'"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\n]|\'\')*\'|(?:^|(?<=\s))
 _FLOW = re.compile(r"[\[\]{}]")
 # The indentation of a line, "- " entries included: block nesting needs at least one column per level.
 _INDENT = re.compile(r"^[ \t-]*", re.M)
+# A Hydra '# @package' line in the file's header (the lines before the first
+# that is neither blank nor a '# @key value' line), and the top-level keys
+# that only Hydra reads right: a config with one is composed by Hydra.
+_PACKAGE_HEADER = re.compile(r"\A(?:[ \t]*(?:#[ \t]*@[^\n]*)?\r?\n)*?[ \t]*#[ \t]*@package\b")
+_HYDRA_SECTIONS = {"defaults": "a Hydra defaults: list", "hydra": "a hydra: section"}
 _INSTALL = "pip install 'koemorph_fused[config]' (or: pip install 'hydra-core>=1.3,<1.4')"
 
 
@@ -139,7 +146,11 @@ class LossConfig(NamedTuple):
 
 
 def _first_line(e: BaseException) -> str:
+    """The message's first line, with the second where the first only leads
+    into it (Hydra's "In 'x': ConfigKeyError raised while composing config:")."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {lines[1]}"
     return lines[0] if lines else type(e).__name__
 
 
@@ -171,12 +182,14 @@ def _flow_depth(name: str, text: str) -> None:
             raise ConfigError(f"{name}:{line}: nested more than {LIMITS['depth']} levels deep")
 
 
-def _check_structure(name: str, text: str, *, strict: bool = True) -> tuple[Optional[str], bool]:
+def _check_structure(name: str, text: str, *, strict: bool = True) -> tuple[Optional[str], Optional[str]]:
     """Walk the YAML event stream (no recursion, no objects built) and check
     :data:`LIMITS`, recursive and undefined aliases and duplicate keys.
 
     Returns (kind of the root node: "mapping", "sequence", "scalar" or None
-    for an empty file, whether a top-level ``defaults`` key is present).
+    for an empty file; what makes it a config only Hydra reads right, or
+    None: a top-level ``defaults`` list or ``hydra`` section, or a
+    ``# @package`` header).
     With ``strict`` False, a syntax error is left for the loader that reads
     the file to report (Hydra names it), and so is a duplicate key."""
     import yaml
@@ -188,10 +201,10 @@ def _check_structure(name: str, text: str, *, strict: bool = True) -> tuple[Opti
     open_anchors: set[str] = set()
     nodes = 0
     root: Optional[str] = None
-    has_defaults = False
+    hydra = "a '# @package' header" if _PACKAGE_HEADER.match(text) else None
 
     def add(size: int, depth: int, key: Optional[str], line: int) -> None:
-        nonlocal nodes, has_defaults
+        nonlocal nodes, hydra
         nodes += size
         if nodes > LIMITS["nodes"]:
             raise ConfigError(f"{name}: more than {LIMITS['nodes']} YAML nodes (aliases counted each time they "
@@ -205,8 +218,8 @@ def _check_structure(name: str, text: str, *, strict: bool = True) -> tuple[Opti
                 if key in parent[3] and strict:
                     raise ConfigError(f"{name}:{line}: duplicate key {key!r}")
                 parent[3].add(key)
-                if len(stack) == 1 and key == "defaults":
-                    has_defaults = True
+                if len(stack) == 1 and key in _HYDRA_SECTIONS:
+                    hydra = _HYDRA_SECTIONS[key]
             parent[5] += 1
 
     try:
@@ -248,15 +261,15 @@ def _check_structure(name: str, text: str, *, strict: bool = True) -> tuple[Opti
                                   "a config is one document")
     except yaml.MarkedYAMLError as e:
         if not strict:
-            return root, has_defaults
+            return root, hydra
         mark = e.problem_mark or e.context_mark
         where = f"{name}:{mark.line + 1}" if mark is not None else name
         raise ConfigError(f"{where}: not valid YAML: {e.problem or e.context}") from None
     except yaml.YAMLError as e:
         if not strict:
-            return root, has_defaults
+            return root, hydra
         raise ConfigError(f"{name}: not valid YAML: {_first_line(e)}") from None
-    return root, has_defaults
+    return root, hydra
 
 
 def _check_folder(root: str, primary: str) -> None:
@@ -326,12 +339,12 @@ def _outside_folders(path: str, root: str) -> list[str]:
 def _load_file(name: str) -> tuple[Any, tuple[str, ...]]:
     """(the composed config, the files read) of a config file."""
     text = _read_text(name)
-    root, has_defaults = _check_structure(name, text)
+    root, hydra = _check_structure(name, text)
     if root != "mapping":
         got = "an empty file" if root is None else f"a YAML {root}"
         raise ConfigError(f"{name}: expected a YAML mapping with a loss section, got {got}")
-    if has_defaults:
-        return _compose_with_hydra(name)
+    if hydra is not None:
+        return _compose_with_hydra(name, hydra)
     try:
         from omegaconf import OmegaConf
     except ImportError:
@@ -344,20 +357,21 @@ def _load_file(name: str) -> tuple[Any, tuple[str, ...]]:
         raise ConfigError(f"{name}: OmegaConf cannot read it: {_first_line(e)}") from None
 
 
-def _compose_with_hydra(name: str) -> tuple[Any, tuple[str, ...]]:
-    """Compose ``name`` as Hydra does: ``initialize_config_dir`` on its folder, then ``compose``."""
+def _compose_with_hydra(name: str, why: str) -> tuple[Any, tuple[str, ...]]:
+    """Compose ``name`` as Hydra does: ``initialize_config_dir`` on its folder,
+    then ``compose``; ``why`` says what makes it a Hydra config."""
     try:
         from hydra import compose, initialize_config_dir
         from hydra.core.global_hydra import GlobalHydra
         from hydra.initialize import get_gh_backup, restore_gh_from_backup
         from hydra.types import RunMode
     except ImportError:
-        raise ConfigError(f"{name}: has a Hydra defaults: list; composing it needs hydra-core: {_INSTALL}") from None
+        raise ConfigError(f"{name}: has {why}; composing it needs hydra-core: {_INSTALL}") from None
     path = os.path.abspath(name)
     root, base = os.path.split(path)
     config_name, ext = os.path.splitext(base)
     if ext != ".yaml":
-        raise ConfigError(f"{name}: has a Hydra defaults: list, but Hydra composes only .yaml files; "
+        raise ConfigError(f"{name}: has {why}, but Hydra composes only .yaml files; "
                           f"rename it to {config_name}.yaml")
     _check_folder(root, path)
     for folder in _outside_folders(path, root):
@@ -394,11 +408,24 @@ _ABSENT = object()
 
 def _lookup(config: Mapping, dotted: str) -> Any:
     node: Any = config
-    for part in dotted.split("."):
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if _is_missing(node, part):  # OmegaConf: `part in node` is False for a ??? value
+            raise ConfigError(f"{'.'.join(parts[:i + 1])} is ??? (a value that must be set, e.g. on Hydra's "
+                              "command line), and nothing set it")
         if not isinstance(node, Mapping) or part not in node:
             return _ABSENT
         node = node[part]
     return node
+
+
+def _is_missing(node: Any, key: str) -> bool:
+    """Whether ``node[key]`` is OmegaConf's mandatory ``???``, never set."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+    except ImportError:
+        return False
+    return isinstance(node, DictConfig) and key in node.keys() and OmegaConf.is_missing(node, key)
 
 
 def _plain(where: str, value: Any) -> Any:
@@ -473,8 +500,8 @@ def load_loss_config(
     places = SEARCH_PATHS if section is None else (section,)
     try:
         found = next(((p, v) for p in places if (v := _lookup(composed, p)) is not _ABSENT), None)
-    except ConfigError:
-        raise
+    except ConfigError as e:
+        raise ConfigError(f"{name}: {e}") from None
     except Exception as e:  # an interpolation on the way (loss: ${...}) that does not resolve
         raise ConfigError(f"{name}: {_first_line(e)}") from None
     if found is None:

@@ -583,3 +583,43 @@ def test_demo_config_errors_are_one_line_exit_2(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "nested more than" in lines[0] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("text, expected", [
+    # Hydra checks its own section against its schema.
+    ("hydra:\n  nonsense_key: 1\nloss:\n  l1_weight: 0.3\n", "Key 'nonsense_key' not in 'HydraConf'"),
+    # A package header on the primary config moves its content, loss included.
+    ("# @package foo\nloss:\n  l1_weight: 0.3\n", "top-level keys: ['foo']"),
+    ("\n# @key value\n# @package foo\nloss:\n  l1_weight: 0.3\n", "top-level keys: ['foo']"),
+])
+def test_configs_without_defaults_are_read_as_hydra_reads_them(tmp_path, text, expected):
+    """A hydra: section or a '# @package' header made a file Hydra's, but
+    without a defaults: list it was read by OmegaConf alone: Hydra's schema
+    error went unseen, and the header was ignored."""
+    assert expected in _one_line_config_error(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("text, weights", [
+    ("hydra:\n  run:\n    dir: out\nloss:\n  l1_weight: 0.3\n", kf.LossWeights(l1=0.3)),
+    ("# @package _global_\nloss:\n  l1_weight: 0.3\n", kf.LossWeights(l1=0.3)),
+    # Hydra's header is the lines before the first plain comment: this header is ignored.
+    ("# a comment\n# @package foo\nloss:\n  l1_weight: 0.3\n", kf.LossWeights(l1=0.3)),
+])
+def test_hydra_sections_and_headers_that_hydra_accepts(tmp_path, text, weights):
+    path = write(tmp_path, text)
+    assert kf.load_loss_weights(path) == weights
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        assert kf.load_loss_weights(compose(config_name="config")) == weights
+
+
+def test_a_hydra_section_in_a_yml_file_says_to_rename_it(tmp_path):
+    message = _one_line_config_error(write(tmp_path, "hydra:\n  run:\n    dir: out\nloss: {}\n", "config.yml"))
+    assert "has a hydra: section" in message and "rename it to config.yaml" in message
+
+
+@pytest.mark.parametrize("text, section", [("loss: ???\n", "loss"), ("training:\n  loss: ???\n", "training.loss")])
+def test_a_loss_section_never_set_is_named(tmp_path, text, section):
+    """'loss: ???' said "no loss section ... (top-level keys: ['loss'])"."""
+    message = _one_line_config_error(write(tmp_path, text))
+    assert f"{section} is ???" in message and "no loss section" not in message
