@@ -57,7 +57,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 from .blendshapes import Layout, resolve
 from .blendshapes import layout as layout_names
@@ -336,8 +336,9 @@ def _outside_folders(path: str, root: str) -> list[str]:
     return folders
 
 
-def _load_file(name: str) -> tuple[Any, tuple[str, ...]]:
-    """(the composed config, the files read) of a config file."""
+def _load_file(name: str) -> tuple[Any, tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """(the composed config, the files read, (file, package) of each in the
+    order Hydra merges them) of a config file."""
     text = _read_text(name)
     root, hydra = _check_structure(name, text)
     if root != "mapping":
@@ -350,14 +351,14 @@ def _load_file(name: str) -> tuple[Any, tuple[str, ...]]:
     except ImportError:
         import yaml
 
-        return yaml.safe_load(text), (name,)
+        return yaml.safe_load(text), (name,), ()
     try:
-        return OmegaConf.create(text), (name,)
+        return OmegaConf.create(text), (name,), ()
     except Exception as e:  # the checks above leave little: a tag OmegaConf does not take, ...
         raise ConfigError(f"{name}: OmegaConf cannot read it: {_first_line(e)}") from None
 
 
-def _compose_with_hydra(name: str, why: str) -> tuple[Any, tuple[str, ...]]:
+def _compose_with_hydra(name: str, why: str) -> tuple[Any, tuple[str, ...], tuple[tuple[str, str], ...]]:
     """Compose ``name`` as Hydra does: ``initialize_config_dir`` on its folder,
     then ``compose``; ``why`` says what makes it a Hydra config."""
     try:
@@ -395,12 +396,33 @@ def _compose_with_hydra(name: str, why: str) -> tuple[Any, tuple[str, ...]]:
         raise ConfigError(f"{name}: Hydra cannot compose it: {_first_line(e)}") from None
     finally:
         restore_gh_from_backup(backup)
-    files = [path]
+    files, sources = [path], []
     for d in defaults.defaults:  # the configs Hydra read, in order; its own (hydra/...) come from its package
         file = os.path.normpath(os.path.join(root, d.config_path + ".yaml")) if d.config_path else None
-        if file is not None and file not in files and os.path.isfile(file):
-            files.append(file)
-    return cfg, tuple(files)
+        if file is not None and os.path.isfile(file):
+            sources.append((file, d.package or ""))
+            if file not in files:
+                files.append(file)
+    return cfg, tuple(files), tuple(sources)
+
+
+def _source_of(sources: tuple[tuple[str, str], ...], dotted: str) -> Optional[str]:
+    """The file whose value of ``dotted`` the composed config holds: the last
+    one, in Hydra's merge order, that sets it (None where none does, e.g. an
+    interpolation made it)."""
+    import yaml
+
+    for file, package in reversed(sources):
+        try:
+            data = yaml.safe_load(_read_text(file))  # checked (LIMITS) before Hydra read it
+        except Exception:
+            continue
+        prefix = "" if package in ("", "_global_") else package + "."
+        if prefix and not dotted.startswith(prefix):
+            continue
+        if isinstance(data, Mapping) and _lookup(data, dotted[len(prefix):]) is not _ABSENT:
+            return file
+    return None
 
 
 _ABSENT = object()
@@ -428,8 +450,8 @@ def _is_missing(node: Any, key: str) -> bool:
     return isinstance(node, DictConfig) and key in node.keys() and OmegaConf.is_missing(node, key)
 
 
-def _plain(where: str, value: Any) -> Any:
-    """An OmegaConf node as plain Python, its ``${...}`` resolved (errors name ``where``)."""
+def _plain(where: Callable[[], str], value: Any) -> Any:
+    """An OmegaConf node as plain Python, its ``${...}`` resolved (errors name ``where()``)."""
     try:
         from omegaconf import Container, OmegaConf
     except ImportError:
@@ -439,20 +461,21 @@ def _plain(where: str, value: Any) -> Any:
     try:
         return OmegaConf.to_container(value, resolve=True, throw_on_missing=True)
     except Exception as e:
-        raise ConfigError(f"{where}: {_first_line(e)}") from None
+        raise ConfigError(f"{where()}: {_first_line(e)}") from None
 
 
-def _indices_value(where: str, key: str, value: Any) -> Any:
-    """A config's group value as the loss takes it: a list of ints, or names/patterns."""
+def _indices_value(key: str, value: Any) -> Any:
+    """A config's group value as the loss takes it: a list of ints, or names/patterns
+    (errors start with ``key``)."""
     if isinstance(value, str):
         return value
     if not isinstance(value, list):
-        raise TypeError(f"{where}.{key}: expected a list of column numbers or names, got {type(value).__name__}")
+        raise TypeError(f"{key}: expected a list of column numbers or names, got {type(value).__name__}")
     for item in value:
         if isinstance(item, bool) or not isinstance(item, (int, str)):
-            raise TypeError(f"{where}.{key}: expected column numbers or names, got {type(item).__name__} {item!r}")
+            raise TypeError(f"{key}: expected column numbers or names, got {type(item).__name__} {item!r}")
     if len({isinstance(item, str) for item in value}) > 1:
-        raise TypeError(f"{where}.{key} mixes names and column numbers {value!r}; give one or the other")
+        raise TypeError(f"{key} mixes names and column numbers {value!r}; give one or the other")
     return tuple(value)
 
 
@@ -490,10 +513,10 @@ def load_loss_config(
     if section is not None and not isinstance(section, str):
         raise TypeError(f"section must be a str (a dotted path) or None, got {type(section).__name__}")
     if isinstance(path, Mapping):
-        name, composed, files = "config", path, ()
+        name, composed, files, sources = "config", path, (), ()
     elif isinstance(path, (str, os.PathLike)):
         name = os.fspath(path)
-        composed, files = _load_file(name)
+        composed, files, sources = _load_file(name)
     else:
         raise TypeError(f"path must be a str, os.PathLike or a mapping, got {type(path).__name__}")
 
@@ -509,10 +532,17 @@ def load_loss_config(
         also = f" and in the files its defaults list pulls in ({', '.join(files[1:])})" if len(files) > 1 else ""
         raise ConfigError(f"{name}: no loss section; looked for {looked} in {name}{also} "
                           f"(top-level keys: {sorted(map(str, composed))})")
-    where = f"{name}: {found[0]}"
-    loss = _plain(where, found[1])
+    def at(key: Optional[str] = None) -> str:
+        """Where an error about ``key`` of the section is: the file that sets
+        it, when a defaults list pulled that file in."""
+        source = _source_of(sources, found[0] if key is None else f"{found[0]}.{key}") if sources else None
+        if source is None or source == os.path.abspath(name):
+            return f"{name}: {found[0]}"
+        return f"{source} (in the defaults of {name}): {found[0]}"
+
+    loss = _plain(at, found[1])
     if not isinstance(loss, Mapping):
-        raise ConfigError(f"{where} must be a mapping of *_weight keys, got {type(loss).__name__}")
+        raise ConfigError(f"{at()} must be a mapping of *_weight keys, got {type(loss).__name__}")
 
     weights: dict[str, Any] = {}
     groups: dict[str, Any] = {}
@@ -525,7 +555,7 @@ def load_loss_config(
             groups[key_s] = value
             continue
         if key_s not in CONFIG_KEYS and key_s != VELOCITY_KEY:
-            raise ConfigError(f"{where}.{key_s}: unknown key; expected some of "
+            raise ConfigError(f"{at(key_s)}.{key_s}: unknown key; expected some of "
                               f"{list(CONFIG_KEYS + (VELOCITY_KEY,) + GROUP_KEYS)} "
                               "(Hydra's _target_-style keys are ignored)")
         try:
@@ -534,34 +564,33 @@ def load_loss_config(
             else:
                 LossWeights.from_config({key: value})
         except TypeError as e:
-            raise _weight_type_error(where, key_s, value, e) from None
+            raise _weight_type_error(at(key_s), key_s, value, e) from None
         except ValueError as e:
-            raise ConfigError(f"{where}.{key_s}: {e}") from None
+            raise ConfigError(f"{at(key_s)}.{key_s}: {e}") from None
         if key_s != VELOCITY_KEY:
             weights[key_s] = value
 
     layout = groups.get("layout")
     if layout is not None:
         if not isinstance(layout, (str, list)):
-            raise TypeError(f"{where}.layout: expected a layout name or a list of column names, "
+            raise TypeError(f"{at('layout')}.layout: expected a layout name or a list of column names, "
                             f"got {type(layout).__name__}")
         try:
             layout_names(layout)  # a misspelt layout is an error even where no group uses it
         except (ValueError, TypeError) as e:
             message = str(e) if str(e).startswith("layout") else f"layout: {e}"
-            raise (ConfigError if isinstance(e, ValueError) else TypeError)(f"{where}.{message}") from None
+            raise (ConfigError if isinstance(e, ValueError) else TypeError)(f"{at('layout')}.{message}") from None
     resolved = {}
     for key, default in (("mouth_indices", MOUTH_INDICES), ("expression_indices", EXPRESSION_INDICES)):
         if key not in groups:
             resolved[key] = default
             continue
-        spec = _indices_value(where, key, groups[key])
         try:
-            resolved[key] = tuple(resolve(spec, layout, argument=key))
+            resolved[key] = tuple(resolve(_indices_value(key, groups[key]), layout, argument=key))
         except ValueError as e:
-            raise ConfigError(f"{where}.{e}") from None
+            raise ConfigError(f"{at(key)}.{e}") from None
         except TypeError as e:
-            raise TypeError(f"{where}.{e}") from None
+            raise TypeError(f"{at(key)}.{e}") from None
     return LossConfig(LossWeights.from_config(weights), resolved["mouth_indices"], resolved["expression_indices"],
                       layout, found[0], tuple(files), velocity)
 

@@ -623,3 +623,27 @@ def test_a_loss_section_never_set_is_named(tmp_path, text, section):
     """'loss: ???' said "no loss section ... (top-level keys: ['loss'])"."""
     message = _one_line_config_error(write(tmp_path, text))
     assert f"{section} is ???" in message and "no loss section" not in message
+
+
+@pytest.mark.parametrize("group_text, expected", [
+    ("loss:\n  bogus: 1\n", "training.loss.bogus: unknown key"),
+    ("loss:\n  l1_weight: -1\n", "training.loss.l1_weight: loss weight 'l1' must be finite"),
+    ("loss:\n  mouth_indices: [1, jaw]\n", "training.loss.mouth_indices mixes names and column numbers"),
+])
+def test_errors_name_the_file_the_defaults_list_pulled_in(tmp_path, group_text, expected):
+    """An error in training/t.yaml named only main.yaml, which does not hold the key."""
+    main = _tree(tmp_path, {"main.yaml": "defaults:\n  - training: t\n  - _self_\ntraining:\n  loss:\n"
+                                         "    mse_weight: 2.0\n",
+                            "training/t.yaml": group_text})
+    with pytest.raises((kf.ConfigError, TypeError)) as info:
+        kf.load_loss_config(main)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'training' / 't.yaml'} (in the defaults of {main}): "), message
+    assert expected in message
+
+
+def test_a_key_the_primary_overrides_is_the_primary_s(tmp_path):
+    main = _tree(tmp_path, {"main.yaml": "defaults:\n  - training: t\n  - _self_\ntraining:\n  loss:\n"
+                                         "    l1_weight: -2.0\n",
+                            "training/t.yaml": "loss:\n  l1_weight: 0.5\n"})
+    assert "training.loss.l1_weight: loss weight" in _one_line_config_error(main)
