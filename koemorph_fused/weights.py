@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .terms import TERM_NAMES
 
@@ -58,7 +59,11 @@ class LossWeights:
         object.__setattr__(self, "_tensor", torch.tensor(self.as_tuple(), dtype=torch.float64))
 
     def as_tensor(self) -> torch.Tensor:
-        """The five weights as a float64 CPU tensor (shared: do not modify it)."""
+        """The five weights as a float64 CPU tensor (shared: do not modify it).
+        Under a dispatch mode (e.g. ``FakeTensorMode``) a new one, made in that
+        mode: the shared one is a real tensor, which such a mode refuses."""
+        if not torch.compiler.is_compiling() and _get_current_dispatch_mode() is not None:
+            return torch.tensor(self.as_tuple(), dtype=torch.float64)
         return self._tensor
 
     def as_tuple(self) -> tuple[float, float, float, float, float]:

@@ -50,3 +50,21 @@ def test_frozen_and_lerp():
     assert sparse.lerp(dense, 0.0) == sparse and sparse.lerp(dense, 1.0) == dense
     mid = sparse.lerp(dense, 0.5)
     assert mid.temporal == pytest.approx(0.2) and mid.perceptual == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("loss", ["function", "module"])
+def test_the_row_loss_under_a_plain_fake_tensor_mode(loss):
+    """The shared weights tensor of LossWeights is real: under a plain
+    FakeTensorMode() kf.temporal_loss refused it ("Please convert all Tensors
+    to FakeTensors"), while the sequence loss, which makes its own, worked."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode():
+        pred = torch.rand(4, 52, requires_grad=True)
+        target = torch.rand(4, 52)
+        total = kf.temporal_loss(pred, target).total if loss == "function" else kf.FusedKoeMorphLoss()(pred, target)
+        total.backward()
+        assert isinstance(total, FakeTensor) and total.shape == ()
+        assert isinstance(pred.grad, FakeTensor) and pred.grad.shape == (4, 52)
+    assert not isinstance(kf.LossWeights().as_tensor(), FakeTensor)
