@@ -422,11 +422,11 @@ def wanted_gradients(pred, target, raw) -> tuple[bool, bool, bool]:
     if torch.compiler.is_compiling():
         # `is not None` is no test here: dynamo wraps even a None result.
         if not isinstance(torch._C._functorch.peek_interpreter_stack(), type(None)):
-            torch._dynamo.graph_break(
+            torch._dynamo.graph_break(msg=(
                 "koemorph_fused: a torch.func transform of a fused loss cannot be compiled (inside a transform, "
                 "torch.compile drops a custom autograd.Function's backward, and the derivatives would be zero); "
                 "it runs eagerly at this graph break. Apply the transform outside torch.compile, or compile the "
-                "loss alone")
+                "loss alone"))
     elif _transform_active():
         check_forward_mode_not_nested()
         return (True, True, raw is not None)
