@@ -409,30 +409,39 @@ def _transform_active() -> bool:
 def wanted_gradients(pred, target, raw) -> tuple[bool, bool, bool]:
     """The gradients of pred, target and raw the kernel computes: under a
     torch.func transform every one (tangents and transformed tensors need not
-    require grad), otherwise those of inputs that require grad, in grad mode.
-
-    A transform traced by ``torch.compile`` breaks the graph here. Dynamo
-    reads the transform's inputs as not requiring grad (a torch bug, seen in
-    2.14), inlines the Function's forward and drops its backward; our
-    operators return their gradients rather than being differentiable, so the
-    derivatives would be zero, silently. At the break torch runs the whole
-    transform eagerly, where it is right; with ``fullgraph=True`` the break is
-    an error that says why. (Dynamo tells that some transform is active, not
-    which: a compiled ``vmap`` breaks too.)"""
-    if torch.compiler.is_compiling():
-        # `is not None` is no test here: dynamo wraps even a None result.
-        if not isinstance(torch._C._functorch.peek_interpreter_stack(), type(None)):
-            torch._dynamo.graph_break(msg=(
-                "koemorph_fused: a torch.func transform of a fused loss cannot be compiled (inside a transform, "
-                "torch.compile drops a custom autograd.Function's backward, and the derivatives would be zero); "
-                "it runs eagerly at this graph break. Apply the transform outside torch.compile, or compile the "
-                "loss alone"))
-    elif _transform_active():
+    require grad), otherwise those of inputs that require grad, in grad mode."""
+    if not torch.compiler.is_compiling() and _transform_active():
         check_forward_mode_not_nested()
         return (True, True, raw is not None)
     grad = torch.is_grad_enabled()
     return (grad and pred.requires_grad, grad and target.requires_grad,
             grad and raw is not None and raw.requires_grad)
+
+
+def traced_in_transform() -> bool:
+    """Whether ``torch.compile`` is tracing a call inside a torch.func
+    transform (the transform inside the compiled function or around it).
+
+    Traced there, dynamo reads the transform's inputs as not requiring grad
+    (a torch bug, seen in 2.14), inlines the Function's forward and drops its
+    backward; our operators return their gradients rather than being
+    differentiable, so the derivatives came out zero, silently. Such a call
+    goes through :func:`run_untraced`. (Dynamo tells that some transform is
+    active, not which: a compiled ``vmap`` goes there too.)"""
+    # `is not None` is no test here: dynamo wraps even a None result.
+    return torch.compiler.is_compiling() and not isinstance(torch._C._functorch.peek_interpreter_stack(),
+                                                            type(None))
+
+
+@torch._dynamo.disable(reason=(
+    "koemorph_fused: a torch.func transform of a fused loss cannot be compiled (traced inside a transform, "
+    "torch.compile drops a custom autograd.Function's backward, and the derivatives would be zero); the loss "
+    "runs eagerly. Apply the transform outside torch.compile, or compile the loss alone"))
+def run_untraced(function, *args):
+    """``function(*args)`` run eagerly, never traced: dynamo skips this frame
+    and every frame it calls (a graph break, with ``fullgraph=True`` an error
+    with the reason above)."""
+    return function(*args)
 
 
 def check_forward_mode_not_nested() -> None:
@@ -457,6 +466,8 @@ def check_forward_mode_not_nested() -> None:
 
 def python_fused_forward(pred, target, prev, raw, mask, colw, weights) -> LossOutput:
     """:func:`fused_forward` with the Python autograd Function."""
+    if traced_in_transform():
+        return run_untraced(python_fused_forward, pred, target, prev, raw, mask, colw, weights)
     want = wanted_gradients(pred, target, raw)
     if any(want):
         function = FusedTemporalLoss if torch.compiler.is_compiling() else FusedTemporalLossWithJvp

@@ -35,7 +35,8 @@ import torch
 
 from ._ops import (
     _can_hand_over, _torch_scale_in_place, _transform_active, accumulation_dtype,
-    check_unchanged, gradient_storage_dtype, input_versions, library, scale_op, wanted_gradients,
+    check_unchanged, gradient_storage_dtype, input_versions, library, run_untraced, scale_op, traced_in_transform,
+    wanted_gradients,
 )
 from ._validation import REDUCTIONS
 from .sequence import frame_sets
@@ -223,18 +224,24 @@ def sequence_total_torch(pred, target, raw, prev, prev_target, lengths, mask, co
         torch.where(v, p - raw.to(acc), zero).abs().mean(-1) if raw is not None else None,
         torch.where(vp, (p - previous(p, prev)) - (g - previous(g, prev_target)), zero).square().mean(-1),
     ]
+    # The kernels' weight rule (effective_weight in csrc/loss_math.h): a
+    # weight that is not finite and > 0 leaves its term out. Decided on the
+    # weights' device, not read on the host: no sync on a GPU, and vmap over
+    # the weights works. Zeroed first, so that no 0 * inf reaches a gradient.
     w = weights.to(device=pred.device, dtype=acc)
-    used = [k for k in range(NUM_TERMS) if per_frame[k] is not None and float(weights[k]) > 0]
+    on = (w > 0) & w.isfinite()
+    w = torch.where(on, w, zero)
+    used = [k for k in range(NUM_TERMS) if per_frame[k] is not None]
     if reduction == _NONE:
         scale = frame_scale.to(acc) if frame_scale is not None else 1.0
-        return sum(((w[k] * per_frame[k]) * scale).sum() for k in used) + zero
+        return sum(torch.where(on[k], ((w[k] * per_frame[k]) * scale).sum(), zero) for k in used) + zero
     if reduction == _MEAN and counts is not None:
         den = counts.to(device=pred.device, dtype=acc).clamp(min=1)
     elif reduction == _MEAN:
         den = torch.stack([x.sum() for x in (valid, valid, valid, pair, valid, vpair)]).to(acc).clamp(min=1)
     else:
         den = torch.ones(NUM_TERMS, dtype=acc, device=pred.device)
-    return sum(w[k] * per_frame[k].sum() / den[k] for k in used) + zero
+    return sum(torch.where(on[k], w[k] * per_frame[k].sum() / den[k], zero) for k in used) + zero
 
 
 def _differentiable_gradients(args, grad_total):
@@ -281,6 +288,9 @@ def fused_sequence_forward(
     :func:`koemorph_fused._ops.column_weights`, ``counts`` is None or a (6,)
     tensor (reduction "mean" only), ``reduction`` is "none", "mean" or "sum".
     """
+    if traced_in_transform():
+        return run_untraced(fused_sequence_forward, pred, target, raw, prev, prev_target, lengths, mask, continuity,
+                            column_weights, weights, counts, reduction)
     code = REDUCTIONS[reduction]
     if not torch.compiler.is_compiling() and not _transform_active():
         out = _fast_sequence_loss(pred, target, raw, prev, prev_target, lengths, mask, continuity,

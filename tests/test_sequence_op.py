@@ -631,6 +631,32 @@ def test_vmap_and_per_sample_gradients():
         torch.testing.assert_close(grads[i], expected)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_vmap_over_the_module_weights(reduction):
+    """Per-weight-setting gradients, vmap(grad) over the module's weight
+    values: the differentiable total read each weight on the host to leave
+    out terms of weight 0 (float(weights[k])), which vmap refuses. (CPU
+    weights must be finite and >= 0: the operator checks them.)"""
+    g = torch.Generator().manual_seed(23)
+    pred, target, raw = (rand((2, 5, 52), torch.float64, g) for _ in range(3))
+    settings = torch.rand(4, 6, dtype=torch.float64, generator=g)
+    settings[1, 2], settings[2, 0], settings[3, 3:] = 0.0, 0.0, 0.0
+    module = kf.FusedKoeMorphSequenceLoss(reduction=reduction)
+
+    def total(w, p):
+        out = torch.func.functional_call(module, {"weight_values": w}, (p, target, raw))
+        return out.sum()
+
+    grads = torch.func.vmap(torch.func.grad(total, argnums=1), in_dims=(0, None))(settings, pred)
+    names = ("mse_weight", "l1_weight", "perceptual_weight", "temporal_weight", "smoothing_weight")
+    for i, w in enumerate(settings.tolist()):
+        ref = kf.reference.KoeMorphSequenceLoss(**dict(zip(names, w[:5])), velocity_weight=w[5],
+                                                reduction=reduction)
+        p = pred.clone().requires_grad_()
+        (expected,) = torch.autograd.grad(ref(p, target, raw).sum(), p)
+        torch.testing.assert_close(grads[i], expected)
+
+
 # Forward mode and higher-order transforms, against the reference (plain
 # torch, so torch.func differentiates it op by op).
 

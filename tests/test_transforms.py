@@ -192,8 +192,9 @@ _COMPILED_TRANSFORMS = {
 def test_compiled_transform_gives_the_reference_derivatives(loss, transform):
     """torch.compile drops an autograd.Function's backward inside a torch.func
     transform (a torch bug): compiled, both losses gave zero derivatives (or
-    raised, for vmap(grad)). They now break the graph there, so the transform
-    runs eagerly, and fullgraph=True raises and says why."""
+    raised, for vmap(grad)). Traced inside a transform they now run eagerly
+    (torch._dynamo.disable: a graph break), and fullgraph=True raises and says
+    why."""
     g = torch.Generator().manual_seed(3)
     shape = (3, 52) if loss == "rows" else (3, 4, 52)
     pred, target = (torch.rand(shape, dtype=torch.float64, generator=g) for _ in range(2))
@@ -217,6 +218,12 @@ def test_compiled_transform_gives_the_reference_derivatives(loss, transform):
         assert b.abs().sum() > 0
         torch.testing.assert_close(a, b)
     torch._dynamo.reset()
-    # The message is the break's explanation, not only its debug context.
-    with pytest.raises(Exception, match="Message: koemorph_fused: a torch.func transform of a fused loss cannot"):
+    # The reason is the break's explanation, not only its debug context.
+    with pytest.raises(Exception, match=r"\(reason: koemorph_fused: a torch.func transform of a fused loss cannot"):
         torch.compile(lambda p, t: run(fused, p, t), backend="aot_eager", fullgraph=True)(pred, target)
+    # The transform around the compiled loss (the loss traced inside it).
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, backend="aot_eager")
+    leaves = torch.utils._pytree.tree_leaves
+    for a, b in zip(leaves(run(compiled, pred, target)), leaves(want)):
+        torch.testing.assert_close(a, b)
