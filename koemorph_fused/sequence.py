@@ -33,7 +33,7 @@ def sequence_weight_tensor(weights: Weights, velocity_weight: float) -> torch.Te
     """The six weights (the five of ``weights``, then ``velocity_weight``) as
     the (6,) float64 CPU tensor the operator reads."""
     w = resolve_weights(weights)
-    return torch.tensor(w.as_tuple() + (check_velocity_weight(velocity_weight),), dtype=torch.float64)
+    return torch.tensor(w.as_tuple() + (check_velocity_weight(velocity_weight),), dtype=torch.float64, device="cpu")
 
 
 def sequence_loss(

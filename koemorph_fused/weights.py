@@ -56,14 +56,14 @@ class LossWeights:
         for name in TERM_NAMES:
             object.__setattr__(self, name, _check_weight(name, getattr(self, name)))
         # The operator takes the weights as a tensor (see csrc/ops.cpp); made once here.
-        object.__setattr__(self, "_tensor", torch.tensor(self.as_tuple(), dtype=torch.float64))
+        object.__setattr__(self, "_tensor", torch.tensor(self.as_tuple(), dtype=torch.float64, device="cpu"))
 
     def as_tensor(self) -> torch.Tensor:
         """The five weights as a float64 CPU tensor (shared: do not modify it).
         Under a dispatch mode (e.g. ``FakeTensorMode``) a new one, made in that
         mode: the shared one is a real tensor, which such a mode refuses."""
         if not torch.compiler.is_compiling() and _get_current_dispatch_mode() is not None:
-            return torch.tensor(self.as_tuple(), dtype=torch.float64)
+            return torch.tensor(self.as_tuple(), dtype=torch.float64, device="cpu")
         return self._tensor
 
     def as_tuple(self) -> tuple[float, float, float, float, float]:

@@ -68,3 +68,27 @@ def test_the_row_loss_under_a_plain_fake_tensor_mode(loss):
         assert isinstance(total, FakeTensor) and total.shape == ()
         assert isinstance(pred.grad, FakeTensor) and pred.grad.shape == (4, 52)
     assert not isinstance(kf.LossWeights().as_tensor(), FakeTensor)
+
+
+def test_weight_tensors_stay_on_the_cpu_under_another_default_device():
+    """The weights tensors are made on the CPU, whatever the default device:
+    under `with torch.device("meta")` a LossWeights (and, in a dispatch mode,
+    each call's weights) came out on the meta device, and CPU data was
+    refused ("weights must be on the CPU or on the device of pred")."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    pred, target = torch.rand(3, 52, device="cpu"), torch.rand(3, 52, device="cpu")
+    want = kf.temporal_loss(pred, target, weights=kf.LossWeights(l1=0.3)).total
+    want_seq = kf.sequence_loss(pred[None], target[None], velocity_weight=0.2).total
+    with torch.device("meta"):
+        weights = kf.LossWeights(l1=0.3)
+        assert weights.as_tensor().device.type == "cpu"
+        with PassThrough():
+            assert kf.temporal_loss(pred, target, weights=weights).total == want
+        assert kf.temporal_loss(pred, target, weights=weights).total == want
+        assert kf.sequence_loss(pred[None], target[None], velocity_weight=0.2).total == want_seq
