@@ -83,10 +83,10 @@ _NOT_FLOW = re.compile(r'"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\n]|\'\')*\'|(?:^|(?<=\s))
 _FLOW = re.compile(r"[\[\]{}]")
 # The indentation of a line, "- " entries included: block nesting needs at least one column per level.
 _INDENT = re.compile(r"^[ \t-]*", re.M)
-# A Hydra '# @package' line in the file's header (the lines before the first
-# that is neither blank nor a '# @key value' line), and the top-level keys
-# that only Hydra reads right: a config with one is composed by Hydra.
-_PACKAGE_HEADER = re.compile(r"\A(?:[ \t]*(?:#[ \t]*@[^\n]*)?\r?\n)*?[ \t]*#[ \t]*@package\b")
+# The top-level keys that only Hydra reads right (a config with one, or
+# with a '# @package' header, is composed by Hydra), and a header line.
+_HEADER_LINE = re.compile(r"#\s*@")
+_PACKAGE_LINE = re.compile(r"#\s*@package(\s|$)")
 _HYDRA_SECTIONS = {"defaults": "a Hydra defaults: list", "hydra": "a hydra: section"}
 _INSTALL = "pip install 'koemorph_fused[config]' (or: pip install 'hydra-core>=1.3,<1.4')"
 
@@ -201,7 +201,7 @@ def _check_structure(name: str, text: str, *, strict: bool = True) -> tuple[Opti
     open_anchors: set[str] = set()
     nodes = 0
     root: Optional[str] = None
-    hydra = "a '# @package' header" if _PACKAGE_HEADER.match(text) else None
+    hydra = "a '# @package' header" if _has_package_header(text) else None
 
     def add(size: int, depth: int, key: Optional[str], line: int) -> None:
         nonlocal nodes, hydra
@@ -270,6 +270,21 @@ def _check_structure(name: str, text: str, *, strict: bool = True) -> tuple[Opti
             return root, hydra
         raise ConfigError(f"{name}: not valid YAML: {_first_line(e)}") from None
     return root, hydra
+
+
+def _has_package_header(text: str) -> bool:
+    """Whether the file's header has a ``# @package`` line, as Hydra reads a
+    header: the lines before the first that is neither blank nor ``# @...``
+    (split as ``str.splitlines`` splits, as Hydra does)."""
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        if not _HEADER_LINE.match(line):
+            return False
+        if _PACKAGE_LINE.match(line):
+            return True
+    return False
 
 
 def _check_folder(root: str, primary: str) -> None:
@@ -428,13 +443,19 @@ def _source_of(sources: tuple[tuple[str, str], ...], dotted: str) -> Optional[st
 _ABSENT = object()
 
 
+class _Unset(NamedTuple):
+    """What :func:`_lookup` finds where a value on the way is OmegaConf's
+    mandatory ``???``, never set: ``key``, the dotted key that is."""
+
+    key: str
+
+
 def _lookup(config: Mapping, dotted: str) -> Any:
     node: Any = config
     parts = dotted.split(".")
     for i, part in enumerate(parts):
         if _is_missing(node, part):  # OmegaConf: `part in node` is False for a ??? value
-            raise ConfigError(f"{'.'.join(parts[:i + 1])} is ??? (a value that must be set, e.g. on Hydra's "
-                              "command line), and nothing set it")
+            return _Unset(".".join(parts[:i + 1]))
         if not isinstance(node, Mapping) or part not in node:
             return _ABSENT
         node = node[part]
@@ -450,8 +471,9 @@ def _is_missing(node: Any, key: str) -> bool:
     return isinstance(node, DictConfig) and key in node.keys() and OmegaConf.is_missing(node, key)
 
 
-def _plain(where: Callable[[], str], value: Any) -> Any:
-    """An OmegaConf node as plain Python, its ``${...}`` resolved (errors name ``where()``)."""
+def _plain(where: Callable[[Optional[str]], str], value: Any) -> Any:
+    """An OmegaConf node as plain Python, its ``${...}`` resolved (errors name
+    ``where(key)``, ``key`` the dotted key OmegaConf names, or None)."""
     try:
         from omegaconf import Container, OmegaConf
     except ImportError:
@@ -461,7 +483,7 @@ def _plain(where: Callable[[], str], value: Any) -> Any:
     try:
         return OmegaConf.to_container(value, resolve=True, throw_on_missing=True)
     except Exception as e:
-        raise ConfigError(f"{where()}: {_first_line(e)}") from None
+        raise ConfigError(f"{where(getattr(e, 'full_key', None))}: {_first_line(e)}") from None
 
 
 def _indices_value(key: str, value: Any) -> Any:
@@ -521,21 +543,36 @@ def load_loss_config(
         raise TypeError(f"path must be a str, os.PathLike or a mapping, got {type(path).__name__}")
 
     places = SEARCH_PATHS if section is None else (section,)
+    found, unset = None, []
     try:
-        found = next(((p, v) for p in places if (v := _lookup(composed, p)) is not _ABSENT), None)
-    except ConfigError as e:
-        raise ConfigError(f"{name}: {e}") from None
+        for place in places:  # the first place that holds a value; a ??? one is skipped
+            value = _lookup(composed, place)
+            if isinstance(value, _Unset):
+                unset.append(value.key)
+            elif value is not _ABSENT:
+                found = place, value
+                break
     except Exception as e:  # an interpolation on the way (loss: ${...}) that does not resolve
         raise ConfigError(f"{name}: {_first_line(e)}") from None
+    if found is None and unset:
+        source = _source_of(sources, unset[0]) if sources else None
+        where = name if source is None or source == os.path.abspath(name) else f"{source} (in the defaults of {name})"
+        raise ConfigError(f"{where}: {unset[0]} is ??? (a value that must be set, e.g. on Hydra's command line), "
+                          "and nothing set it")
     if found is None:
         looked = ", ".join(f"'{p}:'" for p in places)
         also = f" and in the files its defaults list pulls in ({', '.join(files[1:])})" if len(files) > 1 else ""
         raise ConfigError(f"{name}: no loss section; looked for {looked} in {name}{also} "
                           f"(top-level keys: {sorted(map(str, composed))})")
     def at(key: Optional[str] = None) -> str:
-        """Where an error about ``key`` of the section is: the file that sets
-        it, when a defaults list pulled that file in."""
-        source = _source_of(sources, found[0] if key is None else f"{found[0]}.{key}") if sources else None
+        """Where an error about ``key`` of the section is (a key of the
+        section, or a dotted key of the composed config below it): the file
+        that sets it, when a defaults list pulled that file in."""
+        if key is not None and key.startswith(found[0] + "."):
+            key = key[len(found[0]) + 1:]
+        if key is not None:
+            key = key.split(".")[0].split("[")[0]
+        source = _source_of(sources, found[0] if not key else f"{found[0]}.{key}") if sources else None
         if source is None or source == os.path.abspath(name):
             return f"{name}: {found[0]}"
         return f"{source} (in the defaults of {name}): {found[0]}"

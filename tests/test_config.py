@@ -647,3 +647,30 @@ def test_a_key_the_primary_overrides_is_the_primary_s(tmp_path):
                                          "    l1_weight: -2.0\n",
                             "training/t.yaml": "loss:\n  l1_weight: 0.5\n"})
     assert "training.loss.l1_weight: loss weight" in _one_line_config_error(main)
+
+
+def test_a_loss_section_never_set_does_not_hide_the_next_place(tmp_path):
+    """'loss: ???' beside a real training.loss: the search goes on, as it
+    did before ??? was named (only where no place holds a value is it an error)."""
+    path = write(tmp_path, "loss: ???\ntraining:\n  loss:\n    l1_weight: 0.5\n")
+    config = kf.load_loss_config(path)
+    assert config.section == "training.loss" and config.weights == kf.LossWeights(l1=0.5)
+
+
+def test_an_unresolved_value_names_the_file_that_holds_it(tmp_path):
+    """An interpolation error inside the section named the last file that
+    sets any key of it (the group file), not the one that holds the key."""
+    main = _tree(tmp_path, {"main.yaml": "defaults:\n  - _self_\n  - training: t\ntraining:\n  loss:\n"
+                                         "    l1_weight: ${nope}\n",
+                            "training/t.yaml": "loss:\n  mse_weight: 2.0\n"})
+    message = _one_line_config_error(main)
+    assert "Interpolation key 'nope' not found" in message and "t.yaml" not in message
+
+
+def test_a_package_header_with_cr_line_endings(tmp_path):
+    """Hydra splits a header with str.splitlines(): CR-only line endings too."""
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"# a note about this file\r# @package foo\rloss:\r  l1_weight: 0.3\r")
+    assert kf.load_loss_weights(path) == kf.LossWeights(l1=0.3)  # a plain comment first: no header
+    path.write_bytes(b"\r# @package foo\rloss:\r  l1_weight: 0.3\r")
+    assert "top-level keys: ['foo']" in _one_line_config_error(path)
