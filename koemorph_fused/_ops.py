@@ -426,22 +426,12 @@ def traced_in_transform() -> bool:
     (a torch bug, seen in 2.14), inlines the Function's forward and drops its
     backward; our operators return their gradients rather than being
     differentiable, so the derivatives came out zero, silently. Such a call
-    goes through :func:`run_untraced`. (Dynamo tells that some transform is
-    active, not which: a compiled ``vmap`` goes there too.)"""
+    goes through :func:`koemorph_fused._untraced.run_untraced`. (Dynamo tells
+    that some transform is active, not which: a compiled ``vmap`` goes there
+    too.)"""
     # `is not None` is no test here: dynamo wraps even a None result.
     return torch.compiler.is_compiling() and not isinstance(torch._C._functorch.peek_interpreter_stack(),
                                                             type(None))
-
-
-@torch._dynamo.disable(reason=(
-    "koemorph_fused: a torch.func transform of a fused loss cannot be compiled (traced inside a transform, "
-    "torch.compile drops a custom autograd.Function's backward, and the derivatives would be zero); the loss "
-    "runs eagerly. Apply the transform outside torch.compile, or compile the loss alone"))
-def run_untraced(function, *args):
-    """``function(*args)`` run eagerly, never traced: dynamo skips this frame
-    and every frame it calls (a graph break, with ``fullgraph=True`` an error
-    with the reason above)."""
-    return function(*args)
 
 
 def check_forward_mode_not_nested() -> None:
@@ -467,6 +457,8 @@ def check_forward_mode_not_nested() -> None:
 def python_fused_forward(pred, target, prev, raw, mask, colw, weights) -> LossOutput:
     """:func:`fused_forward` with the Python autograd Function."""
     if traced_in_transform():
+        from ._untraced import run_untraced  # torch._dynamo is loaded: we are being traced
+
         return run_untraced(python_fused_forward, pred, target, prev, raw, mask, colw, weights)
     want = wanted_gradients(pred, target, raw)
     if any(want):

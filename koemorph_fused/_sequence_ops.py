@@ -35,8 +35,7 @@ import torch
 
 from ._ops import (
     _can_hand_over, _torch_scale_in_place, _transform_active, accumulation_dtype,
-    check_unchanged, gradient_storage_dtype, input_versions, library, run_untraced, scale_op, traced_in_transform,
-    wanted_gradients,
+    check_unchanged, gradient_storage_dtype, input_versions, library, scale_op, traced_in_transform, wanted_gradients,
 )
 from ._validation import REDUCTIONS
 from .sequence import frame_sets
@@ -289,6 +288,8 @@ def fused_sequence_forward(
     tensor (reduction "mean" only), ``reduction`` is "none", "mean" or "sum".
     """
     if traced_in_transform():
+        from ._untraced import run_untraced  # torch._dynamo is loaded: we are being traced
+
         return run_untraced(fused_sequence_forward, pred, target, raw, prev, prev_target, lengths, mask, continuity,
                             column_weights, weights, counts, reduction)
     code = REDUCTIONS[reduction]

@@ -104,3 +104,12 @@ import koemorph_fused
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0, "imported the other tree's library"
     assert "ImportError" in result.stderr and "no-such-compiler" in result.stderr, result.stderr[-3000:]
+
+
+def test_import_does_not_load_torch_dynamo():
+    """torch._dynamo takes seconds to import; the package needs it only while
+    torch.compile traces (koemorph_fused/_untraced.py), when it is loaded."""
+    code = "import sys, koemorph_fused; print('torch._dynamo' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "False"
