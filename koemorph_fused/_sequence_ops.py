@@ -213,34 +213,39 @@ def sequence_total_torch(pred, target, raw, prev, prev_target, lengths, mask, co
         first = head.to(acc).unsqueeze(1) if head is not None else torch.zeros_like(x[:, :1])
         return torch.cat([first, x[:, :-1]], dim=1)[:, :frames]
 
-    v, vp = valid.unsqueeze(-1), vpair.unsqueeze(-1)
-    d = torch.where(v, p - g, zero)
-    per_frame = [
-        d.square().mean(-1),
-        d.abs().mean(-1),
-        (d.square() * column_weights).sum(-1),
-        torch.where(pair.unsqueeze(-1), p - previous(p.detach(), prev), zero).square().mean(-1),
-        torch.where(v, p - raw.to(acc), zero).abs().mean(-1) if raw is not None else None,
-        torch.where(vp, (p - previous(p, prev)) - (g - previous(g, prev_target)), zero).square().mean(-1),
-    ]
     # The kernels' weight rule (effective_weight in csrc/loss_math.h): a
     # weight that is not finite and > 0 leaves its term out. Decided on the
-    # weights' device, not read on the host: no sync on a GPU, and vmap over
-    # the weights works. Zeroed first, so that no 0 * inf reaches a gradient.
+    # weights' device, not read on the host (no sync on a GPU; vmap over the
+    # weights works), and folded into each term's frame mask, so that a term
+    # left out reads nothing: an inf in `prev` or `prev_target` under a zero
+    # weight brings no NaN into a gradient.
     w = weights.to(device=pred.device, dtype=acc)
     on = (w > 0) & w.isfinite()
     w = torch.where(on, w, zero)
+    v, pr, vp = valid.unsqueeze(-1), pair.unsqueeze(-1), vpair.unsqueeze(-1)
+
+    def d(k):  # pred - target on the frames term k counts
+        return torch.where(v & on[k], p - g, zero)
+
+    per_frame = [
+        d(0).square().mean(-1),
+        d(1).abs().mean(-1),
+        (d(2).square() * column_weights).sum(-1),
+        torch.where(pr & on[3], p - previous(p.detach(), prev), zero).square().mean(-1),
+        torch.where(v & on[4], p - raw.to(acc), zero).abs().mean(-1) if raw is not None else None,
+        torch.where(vp & on[5], (p - previous(p, prev)) - (g - previous(g, prev_target)), zero).square().mean(-1),
+    ]
     used = [k for k in range(NUM_TERMS) if per_frame[k] is not None]
     if reduction == _NONE:
         scale = frame_scale.to(acc) if frame_scale is not None else 1.0
-        return sum(torch.where(on[k], ((w[k] * per_frame[k]) * scale).sum(), zero) for k in used) + zero
+        return sum(((w[k] * per_frame[k]) * scale).sum() for k in used) + zero
     if reduction == _MEAN and counts is not None:
         den = counts.to(device=pred.device, dtype=acc).clamp(min=1)
     elif reduction == _MEAN:
         den = torch.stack([x.sum() for x in (valid, valid, valid, pair, valid, vpair)]).to(acc).clamp(min=1)
     else:
         den = torch.ones(NUM_TERMS, dtype=acc, device=pred.device)
-    return sum(torch.where(on[k], w[k] * per_frame[k].sum() / den[k], zero) for k in used) + zero
+    return sum(w[k] * per_frame[k].sum() / den[k] for k in used) + zero
 
 
 def _differentiable_gradients(args, grad_total):

@@ -165,30 +165,33 @@ def sequence_loss(
     velocity = (((p - previous(p, s.prev, velocity_pairs))
                  - (t - previous(t, s.prev_target, velocity_pairs))) ** 2).mean(-1)
 
-    per_frame = torch.stack([
+    per_frame = [
         torch.where(valid, mse, 0.0),
         torch.where(valid, l1, 0.0),
         torch.where(valid, perceptual, 0.0),
         torch.where(pairs, temporal, 0.0),
         torch.where(valid, smoothing, 0.0),
         torch.where(velocity_pairs, velocity, 0.0),
-    ], dim=-1)
+    ]
     n_valid = valid.sum()
     this_counts = torch.stack([n_valid, n_valid, n_valid, pairs.sum(),
                                n_valid if s.raw is not None else torch.zeros_like(n_valid),
                                velocity_pairs.sum()]).to(torch.int64)
+    divisor = (this_counts if given_counts is None else given_counts).to(acc).clamp(min=1)
 
-    if reduction == "none":
-        terms = per_frame
-    else:
-        terms = per_frame.sum(dim=(0, 1))
-        if reduction == "mean":
-            divisor = this_counts if given_counts is None else given_counts
-            terms = terms / divisor.to(acc).clamp(min=1)
+    def reduced(x: torch.Tensor, k: int) -> torch.Tensor:
+        if reduction == "none":
+            return x
+        return x.sum() / divisor[k] if reduction == "mean" else x.sum()
+
+    terms = torch.stack([reduced(x, k) for k, x in enumerate(per_frame)], dim=-1)
     total = zero if reduction == "none" else zero.sum()
     for k, weight in enumerate(w):
-        if weight > 0:  # a weight of 0 removes the term (0 * NaN stays out)
-            total = total + weight * terms[..., k]
+        # A weight of 0 removes the term, and the total is built from the
+        # term itself, not a slice of `terms`: no zero gradient reaches it,
+        # which its square would turn into NaN where it is infinite (0 * inf).
+        if weight > 0:
+            total = total + weight * reduced(per_frame[k], k)
     if not total.requires_grad:
         # As in temporal_loss: the total stays in the graph, with zero gradients.
         inputs = p.sum() + t.sum() + (s.raw.sum() if s.raw is not None else 0)

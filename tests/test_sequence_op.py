@@ -657,6 +657,31 @@ def test_vmap_over_the_module_weights(reduction):
         torch.testing.assert_close(grads[i], expected)
 
 
+@pytest.mark.parametrize("case", ["prev_target inf, velocity 0", "prev inf, temporal and velocity 0"])
+def test_a_term_of_weight_zero_brings_no_nan_into_any_gradient(case):
+    """docs/spec.md, NaN and infinity: a term whose weight is 0 never brings
+    a NaN into a gradient. The differentiable total (create_graph, torch.func)
+    computed such a term and dropped it afterwards, and the reference took
+    its total from slices of all six terms: 0 * inf = NaN in both."""
+    g = torch.Generator().manual_seed(29)
+    pred, target, prev, prev_target = (rand(shape, torch.float64, g) for shape in ((2, 4, 52),) * 2 + ((2, 52),) * 2)
+    weights = kf.LossWeights()
+    if case.startswith("prev_target"):
+        prev_target[0, 3], velocity = float("inf"), 0.0
+    else:
+        prev[1, 5], velocity, weights = float("inf"), 0.0, kf.LossWeights(temporal=0.0)
+    for fn in (kf.sequence_loss, kf.reference.sequence_loss):
+        def total(p):
+            return fn(p, target, prev=prev, prev_target=prev_target, weights=weights,
+                      velocity_weight=velocity).total
+
+        p = pred.clone().requires_grad_()
+        (first,) = torch.autograd.grad(total(p), p, create_graph=True)
+        (second,) = torch.autograd.grad(first.sum(), p)
+        for gradient in (first, second, torch.func.grad(total)(pred)):
+            assert gradient.isfinite().all(), fn.__module__
+
+
 # Forward mode and higher-order transforms, against the reference (plain
 # torch, so torch.func differentiates it op by op).
 
