@@ -564,20 +564,22 @@ def load_loss_config(
         also = f" and in the files its defaults list pulls in ({', '.join(files[1:])})" if len(files) > 1 else ""
         raise ConfigError(f"{name}: no loss section; looked for {looked} in {name}{also} "
                           f"(top-level keys: {sorted(map(str, composed))})")
-    def at(key: Optional[str] = None) -> str:
-        """Where an error about ``key`` of the section is (a key of the
-        section, or a dotted key of the composed config below it): the file
-        that sets it, when a defaults list pulled that file in."""
-        if key is not None and key.startswith(found[0] + "."):
-            key = key[len(found[0]) + 1:]
-        if key is not None:
-            key = key.split(".")[0].split("[")[0]
-        source = _source_of(sources, found[0] if not key else f"{found[0]}.{key}") if sources else None
+    def at(key: Optional[str] = None, *, full: Optional[str] = None) -> str:
+        """Where an error is: about ``key`` of the section, or about ``full``,
+        a dotted key of the composed config that OmegaConf names (below the
+        section, or elsewhere when an interpolation led there). The file is
+        the one that sets it, when a defaults list pulled that file in."""
+        dotted = found[0] if not key else f"{found[0]}.{key.split('.')[0]}"
+        if full is not None and full.startswith(found[0] + "."):
+            dotted = f"{found[0]}.{full[len(found[0]) + 1:].split('.')[0].split('[')[0]}"
+        elif full:
+            dotted = full
+        source = _source_of(sources, dotted) if sources else None
         if source is None or source == os.path.abspath(name):
             return f"{name}: {found[0]}"
         return f"{source} (in the defaults of {name}): {found[0]}"
 
-    loss = _plain(at, found[1])
+    loss = _plain(lambda full: at(full=full), found[1])
     if not isinstance(loss, Mapping):
         raise ConfigError(f"{at()} must be a mapping of *_weight keys, got {type(loss).__name__}")
 

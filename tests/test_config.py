@@ -674,3 +674,12 @@ def test_a_package_header_with_cr_line_endings(tmp_path):
     assert kf.load_loss_weights(path) == kf.LossWeights(l1=0.3)  # a plain comment first: no header
     path.write_bytes(b"\r# @package foo\rloss:\r  l1_weight: 0.3\r")
     assert "top-level keys: ['foo']" in _one_line_config_error(path)
+
+
+def test_an_unset_value_reached_through_an_interpolation_names_its_file(tmp_path):
+    """loss: ${lossgrp} with lossgrp/a.yaml holding the ??? value: OmegaConf
+    names lossgrp.mse_weight, outside the section; the error named main.yaml."""
+    main = _tree(tmp_path, {"main.yaml": "defaults:\n  - lossgrp: a\n  - _self_\nloss: ${lossgrp}\n",
+                            "lossgrp/a.yaml": "mse_weight: ???\n"})
+    message = _one_line_config_error(main, culprit=tmp_path / "lossgrp" / "a.yaml")
+    assert "Missing mandatory value: mse_weight" in message
