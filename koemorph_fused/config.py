@@ -440,6 +440,15 @@ def _source_of(sources: tuple[tuple[str, str], ...], dotted: str) -> Optional[st
     return None
 
 
+def _file_of(name: str, sources: tuple[tuple[str, str], ...], dotted: str) -> str:
+    """The file an error about ``dotted`` names: the one of ``name``'s
+    defaults list that sets it (see :func:`_source_of`), or ``name``."""
+    source = _source_of(sources, dotted) if sources else None
+    if source is None or source == os.path.abspath(name):
+        return name
+    return f"{source} (in the defaults of {name})"
+
+
 _ABSENT = object()
 
 
@@ -555,29 +564,25 @@ def load_loss_config(
     except Exception as e:  # an interpolation on the way (loss: ${...}) that does not resolve
         raise ConfigError(f"{name}: {_first_line(e)}") from None
     if found is None and unset:
-        source = _source_of(sources, unset[0]) if sources else None
-        where = name if source is None or source == os.path.abspath(name) else f"{source} (in the defaults of {name})"
-        raise ConfigError(f"{where}: {unset[0]} is ??? (a value that must be set, e.g. on Hydra's command line), "
-                          "and nothing set it")
+        raise ConfigError(f"{_file_of(name, sources, unset[0])}: {unset[0]} is ??? (a value that must be set, "
+                          "e.g. on Hydra's command line), and nothing set it")
     if found is None:
         looked = ", ".join(f"'{p}:'" for p in places)
         also = f" and in the files its defaults list pulls in ({', '.join(files[1:])})" if len(files) > 1 else ""
         raise ConfigError(f"{name}: no loss section; looked for {looked} in {name}{also} "
                           f"(top-level keys: {sorted(map(str, composed))})")
+
     def at(key: Optional[str] = None, *, full: Optional[str] = None) -> str:
         """Where an error is: about ``key`` of the section, or about ``full``,
         a dotted key of the composed config that OmegaConf names (below the
-        section, or elsewhere when an interpolation led there). The file is
-        the one that sets it, when a defaults list pulled that file in."""
-        dotted = found[0] if not key else f"{found[0]}.{key.split('.')[0]}"
-        if full is not None and full.startswith(found[0] + "."):
-            dotted = f"{found[0]}.{full[len(found[0]) + 1:].split('.')[0].split('[')[0]}"
-        elif full:
+        section, or elsewhere when an interpolation led there)."""
+        if full and full.startswith(found[0] + "."):
+            key = full[len(found[0]) + 1:]
+        if full and key is None:
             dotted = full
-        source = _source_of(sources, dotted) if sources else None
-        if source is None or source == os.path.abspath(name):
-            return f"{name}: {found[0]}"
-        return f"{source} (in the defaults of {name}): {found[0]}"
+        else:
+            dotted = f"{found[0]}.{re.split(r'[.[]', key)[0]}" if key else found[0]
+        return f"{_file_of(name, sources, dotted)}: {found[0]}"
 
     loss = _plain(lambda full: at(full=full), found[1])
     if not isinstance(loss, Mapping):
