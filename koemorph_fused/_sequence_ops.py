@@ -223,9 +223,10 @@ def sequence_total_torch(pred, target, raw, prev, prev_target, lengths, mask, co
     on = (w > 0) & w.isfinite()
     w = torch.where(on, w, zero)
     v, pr, vp = valid.unsqueeze(-1), pair.unsqueeze(-1), vpair.unsqueeze(-1)
+    diff = p - g
 
     def d(k):  # pred - target on the frames term k counts
-        return torch.where(v & on[k], p - g, zero)
+        return torch.where(v & on[k], diff, zero)
 
     per_frame = [
         d(0).square().mean(-1),
